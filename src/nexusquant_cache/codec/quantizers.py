@@ -1,0 +1,99 @@
+"""Fixed-rate quantizers of 8-number blocks: E8 lattice codebooks and the Lloyd-Max baseline.
+
+Both take blocks already rotated and divided by a per-vector scale, so that each number is
+roughly a unit Gaussian, and both spend exactly ``bits`` bits per number (one ``8 * bits``-bit
+word per block). The encoder in :mod:`.encoding` owns rotation, scales and packing.
+
+E8 at 2 bits is the 64,497-point ball codebook; at 3 and 4 bits a second, residual stage
+refines it (the 256-point shell codebook, or the ball again) at a fixed fraction ``residual``
+of the first stage's scale, so one scale per vector still serves both stages. The loads and
+residual fractions below minimise the mean squared error on Gaussian data (benchmarks/codec.py
+--tune re-derives them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .lattice import OrbitCodebook, ball_codebook, shell_codebook
+
+__all__ = ["E8Quantizer", "ScalarQuantizer", "quantizer"]
+
+
+class E8Quantizer:
+    """E8 lattice codebooks: ball (16 bits per block), plus a residual stage for 3 and 4 bits."""
+
+    name = "e8"
+    _LOAD = {2: 1.0, 3: 1.05, 4: 1.15}  # codebook units per unit of data RMS
+    _RESIDUAL = {3: 0.5, 4: 0.25}  # second-stage scale / first-stage scale
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.load = self._LOAD[bits]
+        self.stages: list[OrbitCodebook] = [ball_codebook()]
+        if bits == 3:
+            self.stages.append(shell_codebook())
+        elif bits == 4:
+            self.stages.append(ball_codebook())
+        self.residual = self._RESIDUAL.get(bits, 0.0)
+
+    def quantize(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Blocks y [m, 8] float32 -> (reconstruction [m, 8], words [m] int64)."""
+        first, words = self.stages[0].to(y.device).nearest(y)
+        if len(self.stages) == 1:
+            return first, words
+        second, second_words = self.stages[1].to(y.device).nearest((y - first) / self.residual)
+        return first + self.residual * second, words | (second_words << 16)
+
+    def dequantize(self, words: Tensor) -> Tensor:
+        """words [m] int64 -> blocks [m, 8] float32."""
+        first = self.stages[0].to(words.device).points[words & 0xFFFF]
+        if len(self.stages) == 1:
+            return first
+        return first + self.residual * self.stages[1].to(words.device).points[words >> 16]
+
+
+@lru_cache(maxsize=None)
+def lloyd_max_levels(bits: int, iterations: int = 2000) -> Tensor:
+    """The 2^bits MSE-optimal (Lloyd-Max) levels for a unit Gaussian, float64, ascending."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    levels = torch.linspace(-2.0, 2.0, 2**bits, dtype=torch.float64)
+    for _ in range(iterations):
+        edges = torch.cat([torch.tensor([-math.inf]), (levels[1:] + levels[:-1]) / 2, torch.tensor([math.inf])])
+        density = normal.log_prob(edges.clamp(-40, 40)).exp()
+        mass = normal.cdf(edges[1:]) - normal.cdf(edges[:-1])
+        levels = (density[:-1] - density[1:]) / mass  # centroid of each cell
+    return levels
+
+
+@dataclass
+class ScalarQuantizer:
+    """Lloyd-Max scalar levels per number: the honest baseline, with the same bits and scale."""
+
+    bits: int
+    name = "scalar"
+    load = 1.0
+
+    def __post_init__(self):
+        self.levels = lloyd_max_levels(self.bits).float()
+        self.thresholds = (self.levels[1:] + self.levels[:-1]) / 2
+        self._shifts = self.bits * torch.arange(8)
+
+    def quantize(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        codes = torch.bucketize(y, self.thresholds.to(y.device))
+        shifts = self._shifts.to(y.device)
+        return self.levels.to(y.device)[codes], (codes << shifts).sum(-1)
+
+    def dequantize(self, words: Tensor) -> Tensor:
+        codes = (words.unsqueeze(-1) >> self._shifts.to(words.device)) & (2**self.bits - 1)
+        return self.levels.to(words.device)[codes]
+
+
+@lru_cache(maxsize=None)
+def quantizer(method: str, bits: int) -> E8Quantizer | ScalarQuantizer:
+    return E8Quantizer(bits) if method == "e8" else ScalarQuantizer(bits)
