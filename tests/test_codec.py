@@ -23,8 +23,8 @@ from nexusquant_cache.codec.quantizers import quantizer
 
 METHODS = ["e8", "scalar"]
 BITS = [2, 3, 4]
-# Relative MSE ceilings on Gaussian vectors, d = 128 (measured: e8 0.089 / 0.029 / 0.0079,
-# scalar 0.115 / 0.033 / 0.0091; the targets for e8 are 0.095 / 0.031 / 0.0090).
+# Relative MSE ceilings on Gaussian vectors, d = 128: the targets for e8 (measured 0.089 /
+# 0.027 / 0.0079) and a margin over Lloyd-Max for scalar (measured 0.115 / 0.034 / 0.0092).
 CEILING = {("e8", 2): 0.095, ("e8", 3): 0.031, ("e8", 4): 0.0090, ("scalar", 2): 0.12, ("scalar", 3): 0.036, ("scalar", 4): 0.0097}
 
 
@@ -43,11 +43,11 @@ def test_gaussian_error_is_within_target(gaussian, method, bits):
     assert relative_mse(gaussian, decode(encode(gaussian, bits, method))) <= CEILING[method, bits]
 
 
-@pytest.mark.parametrize("bits", BITS)
-def test_e8_beats_scalar_at_equal_bytes(gaussian, bits):
+@pytest.mark.parametrize("bits, ratio", [(2, 0.8), (3, 0.82), (4, 0.9)])
+def test_e8_beats_scalar_at_equal_bytes(gaussian, bits, ratio):
     e8, scalar = encode(gaussian, bits, "e8"), encode(gaussian, bits, "scalar")
     assert e8.nbytes == scalar.nbytes
-    assert relative_mse(gaussian, decode(e8)) < 0.95 * relative_mse(gaussian, decode(scalar))
+    assert relative_mse(gaussian, decode(e8)) < ratio * relative_mse(gaussian, decode(scalar))
 
 
 @pytest.mark.parametrize("method", METHODS)

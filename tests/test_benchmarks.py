@@ -1,0 +1,24 @@
+"""The codec benchmark runs end to end and its records say what the docs claim."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_codec_benchmark_quick_run():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "codec.py"), "--quick", "--no-real"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    gaussian = {(r["dim"], r["method"], r["bits"]): r for r in records if r["part"] == "gaussian"}
+    assert len(gaussian) == 12
+    for (dim, method, bits), record in gaussian.items():
+        if method == "e8":
+            assert record["rel_mse"] < gaussian[dim, "scalar", bits]["rel_mse"]
+        assert record["total_bits"] == bits + 16 / dim
+        assert record["rel_mse"] > record["bound_total_bits"]  # no code beats Shannon
+    assert any(r["part"] == "throughput" for r in records)
