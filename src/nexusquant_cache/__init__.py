@@ -1,6 +1,8 @@
 """nexusquant-cache: compressed KV caches for HuggingFace transformers."""
 
+from .cache import NexusQuantCache
 from .codec import Encoded, Method, decode, encode
+from .config import NexusQuantConfig
 
-__all__ = ["Encoded", "Method", "decode", "encode"]
+__all__ = ["Encoded", "Method", "NexusQuantCache", "NexusQuantConfig", "decode", "encode"]
 __version__ = "0.1.0"

@@ -1,0 +1,243 @@
+"""NexusQuantCache inside transformers: exact at 16 bits, faithful to its codes when quantized."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    DeepseekV3Config,
+    DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode
+from nexusquant_cache.layer import NexusQuantLayer
+
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+
+
+def tiny_llama():
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gemma3():
+    config = Gemma3TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=16, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def tiny_gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=512))
+
+
+MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=list(MODELS))
+def model(request):
+    torch.manual_seed(0)
+    return MODELS[request.param]().eval()
+
+
+def prompt(batch=2, length=40, seed=1):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+FULL = NexusQuantConfig(key_bits=16, value_bits=16)
+SMALL_WINDOW = NexusQuantConfig(key_bits=3, value_bits=2, recent_window=8, block_size=4)
+
+
+def generate(model, ids, cache, **kwargs):
+    out = model.generate(
+        ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=12, do_sample=False,
+        past_key_values=cache, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
+    )
+    return out.sequences, torch.stack(out.scores)
+
+
+def test_full_precision_equals_dynamic_cache(model):
+    ids = prompt()
+    expected_tokens, expected_scores = generate(model, ids, DynamicCache(config=model.config))
+    tokens, scores = generate(model, ids, NexusQuantCache(FULL, model=model))
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+
+
+def test_full_precision_equals_dynamic_cache_with_left_padding_and_beams(model):
+    ids = prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding on the first row
+    ids = ids.masked_fill(mask == 0, 0)
+    for kwargs in ({}, {"num_beams": 3}):
+        expected, _ = generate(model, ids, DynamicCache(config=model.config), attention_mask=mask, **kwargs)
+        tokens, _ = generate(model, ids, NexusQuantCache(FULL, model=model), attention_mask=mask, **kwargs)
+        assert torch.equal(tokens, expected), kwargs
+
+
+def test_multi_turn_continues_from_the_cache(model):
+    ids = prompt(batch=1)
+    results = []
+    for cache in (DynamicCache(config=model.config), NexusQuantCache(FULL, model=model)):
+        first, _ = generate(model, ids, cache)
+        follow_up = torch.cat([first, prompt(batch=1, length=5, seed=2)], dim=1)
+        second, _ = generate(model, follow_up, cache)
+        results.append(second)
+    assert torch.equal(results[0], results[1])
+
+
+def test_prefill_logits_are_not_changed_by_compression(model):
+    ids = prompt()
+    reference = model(ids).logits
+    cache = NexusQuantCache(NexusQuantConfig(key_bits=2, value_bits=2, recent_window=0, block_size=1), model=model)
+    torch.testing.assert_close(model(ids, past_key_values=cache).logits, reference, atol=1e-5, rtol=0)
+    assert cache.stats()["bytes"]["codes"] > 0  # the prefill tokens were encoded after the forward
+
+
+def test_quantized_cache_serves_exactly_its_decoded_codes(model):
+    """The continuation through the compressed cache equals a DynamicCache holding the decoded states."""
+    ids = prompt()
+    cache = NexusQuantCache(SMALL_WINDOW, model=model)
+    model(ids, past_key_values=cache)
+    reference = DynamicCache(config=model.config)
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, NexusQuantLayer):
+            keys, values = (
+                torch.cat([decode(s.encoded), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream)
+            )
+        else:
+            keys, values = layer.keys, layer.values
+        reference.update(keys, values, index)
+        if not isinstance(layer, NexusQuantLayer):
+            reference.layers[index].cumulative_length = layer.cumulative_length
+    step = prompt(length=6, seed=3)
+    position_ids = torch.arange(40, 46).expand(2, -1)
+    expected = model(step, past_key_values=reference, position_ids=position_ids).logits
+    actual = model(step, past_key_values=cache, position_ids=position_ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_tokens_are_encoded_once_in_blocks():
+    torch.manual_seed(0)
+    layer = NexusQuantLayer(NexusQuantConfig(key_bits=4, value_bits=16, recent_window=5, block_size=3))
+    tokens = torch.randn(1, 2, 20, 16)
+    returned = []
+    for start, stop in [(0, 4), (4, 8), (8, 9), (9, 15), (15, 20)]:
+        keys, values = layer.update(tokens[:, :, start:stop], tokens[:, :, start:stop])
+        returned.append(keys)
+        assert keys.shape[-2] == stop and torch.equal(values, tokens[:, :, :stop])  # 16-bit values stay exact
+    # Whenever the window (5) + block (3) fills, everything older than the window is encoded:
+    # after 8 tokens seen, tokens 0-2; after 15, tokens 3-9; after 20, tokens 10-14. Earlier
+    # codes are never touched again.
+    blocks = [encode(tokens[:, :, start:stop], 4) for start, stop in [(0, 3), (3, 10), (10, 15)]]
+    stream = layer.key_stream
+    assert torch.equal(stream.encoded.codes, torch.cat([b.codes for b in blocks], dim=-2))
+    assert torch.equal(stream.encoded.scales, torch.cat([b.scales for b in blocks], dim=-1))
+    assert torch.equal(stream.recent, tokens[:, :, 15:20])
+    first = blocks[0]
+    # What update returns: decoded old tokens, then the exact recent ones.
+    torch.testing.assert_close(returned[-1][:, :, :3], decode(first))
+    assert torch.equal(returned[-1][:, :, 10:], tokens[:, :, 10:20])
+    assert layer.get_seq_length() == 20 and layer.get_mask_sizes(1) == (21, 0)
+
+
+def test_stats_count_every_tensor_held(model):
+    cache = NexusQuantCache(SMALL_WINDOW, model=model)
+    model(prompt(), past_key_values=cache)
+    held = 0
+    for layer in cache.layers:
+        if isinstance(layer, NexusQuantLayer):
+            for stream in (layer.key_stream, layer.value_stream):
+                held += sum(t.untyped_storage().nbytes() for t in (stream.encoded.codes, stream.encoded.scales))
+                held += stream.recent.numel() * stream.recent.element_size()
+        else:
+            held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    stats = cache.stats()
+    assert stats["bytes"]["total"] == held and stats["tokens_seen"] == 40
+    assert stats["ratio"] == stats["baseline_bytes"] / held
+
+
+def test_batch_operations_cover_codes_scales_and_window():
+    torch.manual_seed(0)
+    layer = NexusQuantLayer(SMALL_WINDOW)
+    states = torch.randn(3, 2, 30, 16)
+    layer.update(states, states)
+    before = layer.key_stream.append(torch.zeros(3, 2, 0, 16))
+    layer.reorder_cache(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.key_stream.append(torch.zeros(3, 2, 0, 16)), before[[2, 0, 0]])
+    layer.batch_select_indices(torch.tensor([0]))
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.key_stream.append(torch.zeros(2, 2, 0, 16)), before[[2, 2]])
+
+
+def test_reset_empties_the_cache(model):
+    cache = NexusQuantCache(SMALL_WINDOW, model=model)
+    model(prompt(), past_key_values=cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    expected = model(prompt(seed=5)).logits
+    torch.testing.assert_close(model(prompt(seed=5), past_key_values=cache).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    torch.manual_seed(0)
+    model = tiny_llama().to(dtype).eval()
+    cache = NexusQuantCache(SMALL_WINDOW, model=model)
+    tokens, scores = generate(model, prompt(), cache)
+    assert torch.isfinite(scores).all() and tokens.shape == (2, 52)
+    assert cache.layers[0].key_stream.recent.dtype == dtype
+
+
+def test_without_a_model_layers_are_created_on_use():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    cache = NexusQuantCache(FULL)
+    expected, _ = generate(model, prompt(), DynamicCache())
+    tokens, _ = generate(model, prompt(), cache)
+    assert torch.equal(tokens, expected) and len(cache.layers) == 3
+
+
+def test_latent_attention_models_are_refused():
+    with pytest.raises(NotImplementedError, match="deepseek_v3"):
+        NexusQuantCache(model_config=DeepseekV3Config(num_hidden_layers=2))
+
+
+def test_assisted_decoding_rollback_is_refused():
+    assert NexusQuantLayer.is_croppable is False
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("key_bits", 5, r"`key_bits` must be one of \(2, 3, 4, 16\) but got 5"),
+        ("value_bits", 1, "`value_bits` must be one of"),
+        ("recent_window", -1, "`recent_window` must be an integer >= 0 but got -1"),
+        ("block_size", 0, "`block_size` must be an integer >= 1"),
+        ("method", "pq", "`method` must be one of"),
+        ("seed", 1.5, "`seed` must be an integer"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        NexusQuantConfig(**{field: value})
+
+
+def test_config_round_trips_through_a_dict():
+    config = NexusQuantConfig(key_bits=3, value_bits=2, recent_window=32)
+    assert NexusQuantConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown NexusQuantConfig fields \\['keep'\\]"):
+        NexusQuantConfig.from_dict({"keep": 0.5})
+    with pytest.raises(TypeError, match="NexusQuantConfig"):
+        NexusQuantCache({"key_bits": 3})
