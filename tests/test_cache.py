@@ -4,55 +4,19 @@ import warnings
 
 import pytest
 import torch
-from transformers import (
-    DeepseekV3Config,
-    DynamicCache,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import DeepseekV3Config, DynamicCache
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode
 from nexusquant_cache.layer import NexusQuantLayer
+from tests.tiny_models import MODELS, prompt, tiny_llama
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
-
-
-def tiny_llama():
-    config = LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config)
-
-
-def tiny_gemma3():
-    config = Gemma3TextConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, sliding_window=16, max_position_embeddings=512,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-    )
-    return Gemma3ForCausalLM(config)
-
-
-def tiny_gpt2():
-    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=512))
-
-
-MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
 
 
 @pytest.fixture(params=list(MODELS))
 def model(request):
     torch.manual_seed(0)
     return MODELS[request.param]().eval()
-
-
-def prompt(batch=2, length=40, seed=1):
-    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 FULL = NexusQuantConfig(key_bits=16, value_bits=16)
@@ -113,8 +77,9 @@ def test_quantized_cache_serves_exactly_its_decoded_codes(model):
     reference = DynamicCache(config=model.config)
     for index, layer in enumerate(cache.layers):
         if isinstance(layer, NexusQuantLayer):
+            layer.settle()
             keys, values = (
-                torch.cat([decode(s.encoded), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream)
+                torch.cat([decode(s.old), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream)
             )
         else:
             keys, values = layer.keys, layer.values
@@ -140,10 +105,12 @@ def test_tokens_are_encoded_once_in_blocks():
     # Whenever the window (5) + block (3) fills, everything older than the window is encoded:
     # after 8 tokens seen, tokens 0-2; after 15, tokens 3-9; after 20, tokens 10-14. Earlier
     # codes are never touched again.
+    # Encoding happens when the layer settles: at its next use, after this forward's attention.
+    layer.settle()
     blocks = [encode(tokens[:, :, start:stop], 4) for start, stop in [(0, 3), (3, 10), (10, 15)]]
     stream = layer.key_stream
-    assert torch.equal(stream.encoded.codes, torch.cat([b.codes for b in blocks], dim=-2))
-    assert torch.equal(stream.encoded.scales, torch.cat([b.scales for b in blocks], dim=-1))
+    assert torch.equal(stream.old.codes, torch.cat([b.codes for b in blocks], dim=-2))
+    assert torch.equal(stream.old.scales, torch.cat([b.scales for b in blocks], dim=-1))
     assert torch.equal(stream.recent, tokens[:, :, 15:20])
     first = blocks[0]
     # What update returns: decoded old tokens, then the exact recent ones.
@@ -155,17 +122,24 @@ def test_tokens_are_encoded_once_in_blocks():
 def test_stats_count_every_tensor_held(model):
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
     model(prompt(), past_key_values=cache)
+    stats = cache.stats()
     held = 0
     for layer in cache.layers:
         if isinstance(layer, NexusQuantLayer):
             for stream in (layer.key_stream, layer.value_stream):
-                held += sum(t.untyped_storage().nbytes() for t in (stream.encoded.codes, stream.encoded.scales))
+                held += sum(t.untyped_storage().nbytes() for t in (stream.old.codes, stream.old.scales))
                 held += stream.recent.numel() * stream.recent.element_size()
         else:
             held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    stats = cache.stats()
-    assert stats["bytes"]["total"] == held and stats["tokens_seen"] == 40
+    assert stats["bytes"]["total"] == held and stats["tokens_seen"] == stats["tokens_stored"] == 40
     assert stats["ratio"] == stats["baseline_bytes"] / held
+
+
+def stored_keys(layer):
+    """The keys a settled layer would hand to the next forward."""
+    layer.settle()
+    recent = layer.key_stream.recent
+    return layer.key_stream.append(recent[..., :0, :])
 
 
 def test_batch_operations_cover_codes_scales_and_window():
@@ -173,12 +147,12 @@ def test_batch_operations_cover_codes_scales_and_window():
     layer = NexusQuantLayer(SMALL_WINDOW)
     states = torch.randn(3, 2, 30, 16)
     layer.update(states, states)
-    before = layer.key_stream.append(torch.zeros(3, 2, 0, 16))
+    before = stored_keys(layer)
     layer.reorder_cache(torch.tensor([2, 0, 0]))
-    assert torch.equal(layer.key_stream.append(torch.zeros(3, 2, 0, 16)), before[[2, 0, 0]])
+    assert torch.equal(stored_keys(layer), before[[2, 0, 0]])
     layer.batch_select_indices(torch.tensor([0]))
     layer.batch_repeat_interleave(2)
-    assert torch.equal(layer.key_stream.append(torch.zeros(2, 2, 0, 16)), before[[2, 2]])
+    assert torch.equal(stored_keys(layer), before[[2, 2]])
 
 
 def test_reset_empties_the_cache(model):

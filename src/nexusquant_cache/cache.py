@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from functools import partial
 
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .config import NexusQuantConfig
-from .layer import NexusQuantLayer
+from .integration import capture_queries
+from .layer import ATTENTION_SCORERS, NexusQuantLayer
 
 __all__ = ["NexusQuantCache"]
 
@@ -28,6 +31,12 @@ class NexusQuantCache(Cache):
 
     Sliding-window layers (Gemma 2/3, Mistral with a window) keep transformers' own sliding
     layer at full precision.
+
+    The attention scorers (``"snapkv"``, ``"h2o"``) read the model's queries: while the cache
+    lives, ``model`` runs its attention through the ``"nexusquant"`` function (transformers'
+    SDPA plus a look at the queries), and its previous attention implementation comes back
+    when the last such cache is garbage-collected. Without a model they fall back to
+    ``"keynorm"``, which needs no queries.
     """
 
     def __init__(
@@ -40,27 +49,41 @@ class NexusQuantCache(Cache):
         if not isinstance(config, NexusQuantConfig):
             raise TypeError(f"`config` must be a NexusQuantConfig but got {type(config).__name__}")
         self.config = config
+        scorer = config.scorer
+        if config.evicts and scorer in ATTENTION_SCORERS:
+            release = capture_queries(model) if model is not None else None
+            if release is None:
+                if model is not None:
+                    warnings.warn(f"{type(model).__name__} cannot route its attention through NexusQuantCache's "
+                                  f"query capture; scoring with 'keynorm' instead of {scorer!r}", stacklevel=2)
+                scorer = "keynorm"
+            else:
+                weakref.finalize(self, release)
+        self.scorer = scorer
         if model is not None:
             model_config = model.config
         if model_config is None:
-            super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config))
+            super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer))
         else:
-            super().__init__(layers=_layers_for(model_config, config))
+            super().__init__(layers=_layers_for(model_config, config, scorer))
 
     def stats(self) -> dict:
         """Tokens seen and stored, bytes held by part, and the ratio against a 16-bit cache.
 
         ``bytes`` counts every tensor the cache holds: codes, scales, the full-precision window
-        of quantized layers, and sliding-window layers. ``baseline_bytes`` is what a 16-bit
+        of quantized layers, token positions and scores (``metadata``, only when evicting), and
+        sliding-window layers. ``baseline_bytes`` is what a 16-bit
         DynamicCache built for the same model holds for the same tokens.
         """
-        parts = {"codes": 0, "scales": 0, "window": 0, "sliding": 0}
+        parts = {"codes": 0, "scales": 0, "window": 0, "metadata": 0, "sliding": 0}
         baseline = 0
+        stored = None
         for layer in self.layers:
-            if isinstance(layer, NexusQuantLayer):
+            if isinstance(layer, NexusQuantLayer) and layer.is_initialized:
                 for part, size in layer.nbytes().items():
                     parts[part] += size
-                baseline += 2 * sum(stream.numel_seen() for stream in (layer.key_stream, layer.value_stream))
+                baseline += 2 * sum(stream.numel_seen(layer.seen) for stream in (layer.key_stream, layer.value_stream))
+                stored = layer.key_stream.length
             elif layer.is_initialized and layer.keys is not None:
                 held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                 parts["sliding"] += held
@@ -68,13 +91,14 @@ class NexusQuantCache(Cache):
         total = sum(parts.values())
         return {
             "tokens_seen": self.get_seq_length(),
+            "tokens_stored": stored,
             "bytes": {**parts, "total": total},
             "baseline_bytes": baseline,
             "ratio": baseline / total if total else 1.0,
         }
 
 
-def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig) -> list:
+def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer: str) -> list:
     decoder = model_config.get_text_config(decoder=True)
     model_type = getattr(decoder, "model_type", type(decoder).__name__)
     if getattr(decoder, "kv_lora_rank", None) is not None:
@@ -86,7 +110,7 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig) -> lis
     layers = []
     for layer_type, kwargs in zip(layer_types, layer_kwargs):
         if layer_type == "full_attention":
-            layers.append(NexusQuantLayer(config))
+            layers.append(NexusQuantLayer(config, scorer))
         elif layer_type in _SLIDING_TYPES:
             layers.append(DynamicSlidingWindowLayer(**kwargs))
         else:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from .codec import SUPPORTED_BITS, Method
 
-__all__ = ["NexusQuantConfig"]
+__all__ = ["NexusQuantConfig", "SCORERS"]
 
 CACHE_BITS = (*SUPPORTED_BITS, 16)  # 16: keep that side at full precision
+# Token importance for eviction; see scoring.py.
+SCORERS = ("snapkv", "h2o", "keynorm", "streaming")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,17 @@ class NexusQuantConfig:
             (once; a token is never re-quantized). Larger blocks encode less often.
         method: ``"e8"`` (lattice codebooks) or ``"scalar"`` (Lloyd-Max baseline).
         seed: seed of the randomized Hadamard rotation.
+        keep_ratio: fraction of the tokens seen that each full-attention layer keeps, in (0, 1];
+            1 evicts nothing.
+        token_budget: most tokens a full-attention layer keeps (None: no cap). Both limits apply.
+        sink_tokens: the first tokens of the text (by position) are never evicted.
+        scorer: how tokens are ranked for eviction: ``"snapkv"`` (attention of the last
+            ``observation_window`` queries of every forward, pooled; during decoding this
+            accumulates every new query's attention, H2O-like), ``"h2o"`` (accumulated attention
+            of all queries), ``"keynorm"`` (smaller key norm ranks higher; needs no queries),
+            ``"streaming"`` (sinks and the most recent tokens). The attention scorers need the
+            model's queries (pass ``model=``); without a model the cache uses ``"keynorm"``.
+        observation_window: queries per forward that ``"snapkv"`` scores with.
     """
 
     key_bits: int = 4
@@ -33,6 +47,11 @@ class NexusQuantConfig:
     block_size: int = 64
     method: str = "e8"
     seed: int = 0
+    keep_ratio: float = 1.0
+    token_budget: int | None = None
+    sink_tokens: int = 4
+    scorer: str = "snapkv"
+    observation_window: int = 64
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
@@ -45,6 +64,32 @@ class NexusQuantConfig:
         allowed = [m.value for m in Method]
         if self.method not in allowed:
             raise ValueError(f"`method` must be one of {allowed} but got {self.method!r}")
+        ratio = self.keep_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"`keep_ratio` must be a number in (0, 1] but got {ratio!r}")
+        _check_int("sink_tokens", self.sink_tokens, minimum=0)
+        _check_int("observation_window", self.observation_window, minimum=1)
+        if self.token_budget is not None:
+            _check_int("token_budget", self.token_budget, minimum=self._budget_floor)
+        if self.scorer not in SCORERS:
+            raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
+
+    @property
+    def evicts(self) -> bool:
+        """Whether any token is ever dropped."""
+        return self.keep_ratio < 1 or self.token_budget is not None
+
+    def budget(self, seen: int) -> int:
+        """Tokens a full-attention layer may keep after ``seen`` tokens; never below what the
+        sinks, the full-precision window and one block of tokens waiting to leave it occupy."""
+        limit = math.ceil(self.keep_ratio * seen)
+        if self.token_budget is not None:
+            limit = min(limit, self.token_budget)
+        return max(limit, self._budget_floor)
+
+    @property
+    def _budget_floor(self) -> int:
+        return self.sink_tokens + self.recent_window + self.block_size
 
     @property
     def compresses(self) -> bool:

@@ -1,15 +1,22 @@
-"""One full-attention layer of a NexusQuantCache: packed codes for old tokens, full precision
-for the newest, following transformers' cache-layer contract.
+"""One full-attention layer of a NexusQuantCache, following transformers' cache-layer contract.
 
-Each side (keys, values) is a :class:`KVStream`. ``update`` returns the decoded old tokens, the
-full-precision window and the new tokens, exactly what this forward's attention needs, and only
-then encodes what has fallen out of the window: the current forward never sees its own tokens
-quantized, and every token is encoded exactly once.
+Keys and values are each a :class:`KVStream`: old tokens (packed codes, or full precision at 16
+bits) followed by a full-precision window of the newest tokens. ``update`` returns every stored
+state plus the new ones, exactly what this forward's attention needs, and leaves the layer
+*unsettled*. The next access (the next forward's mask, ``update``, ``stats``) settles it first:
+tokens that left the window are scored, the lowest-ranked are evicted if the layer is over
+budget, and the survivors are encoded. So the current forward never sees its own tokens
+quantized or dropped, attention-based scores from this forward are in before eviction, and a
+token is encoded at most once (evicted tokens never are).
+
+Counts the contract relies on: ``get_seq_length()`` is tokens *seen*; ``get_mask_sizes(q)`` is
+``(stored + q, seen - stored)``; every layer and every KV head stores the same number of tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -17,115 +24,233 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .codec import Encoded, decode, encode
 from .config import NexusQuantConfig
+from .policy import PAD, select_kept
+from .scoring import attention_scores, key_norm_scores
 
-__all__ = ["KVStream", "NexusQuantLayer"]
+__all__ = ["KVStream", "NexusQuantLayer", "PENDING_LAYER"]
+
+# The layer whose `update` ran last in this context and the keys it returned: the attention
+# function that runs right after it (integration.py) hands that layer the real queries.
+PENDING_LAYER: ContextVar[tuple["NexusQuantLayer", Tensor] | None] = ContextVar("nexusquant_pending", default=None)
+
+ATTENTION_SCORERS = ("snapkv", "h2o")
+SNAPKV_POOL = 7
 
 
 class KVStream:
-    """Keys or values of one layer, [batch, heads, tokens, head_dim]: the oldest tokens as codes
-    (``encoded``, codes [B, H, T_old, d * bits / 8] and scales [B, H, T_old]), the newest
-    (``recent`` [B, H, T_new, d]) as given."""
+    """Keys or values of one layer: ``old`` tokens (an Encoded with codes [B, H, T_old, d*bits/8]
+    and scales [B, H, T_old], or a [B, H, T_old, d] tensor at 16 bits) then ``recent`` [B, H, T_recent, d]."""
 
     def __init__(self, bits: int, config: NexusQuantConfig):
         self.bits = bits
         self.config = config
-        self.encoded: Encoded | None = None
+        self.old: Encoded | Tensor | None = None
         self.recent: Tensor | None = None
 
     @property
+    def old_length(self) -> int:
+        return _length(self.old)
+
+    @property
     def length(self) -> int:
-        encoded = 0 if self.encoded is None else self.encoded.scales.shape[-1]
-        return encoded + (0 if self.recent is None else self.recent.shape[-2])
+        return self.old_length + (0 if self.recent is None else self.recent.shape[-2])
 
     def append(self, states: Tensor) -> Tensor:
-        """Add ``states`` [B, H, q, d]; return every state of the stream, new ones included."""
+        """Add ``states`` [B, H, q, d]; return every stored state, the new ones last."""
         self.recent = states if self.recent is None else torch.cat([self.recent, states], dim=-2)
-        everything = self.recent if self.encoded is None else torch.cat([decode(self.encoded), self.recent], dim=-2)
-        self._encode_overflow()
-        return everything
+        if self.old is None:
+            return self.recent
+        old = decode(self.old) if isinstance(self.old, Encoded) else self.old
+        return torch.cat([old, self.recent], dim=-2)
 
-    def _encode_overflow(self) -> None:
-        window = self.config.recent_window
-        if self.bits == 16 or self.recent.shape[-2] < window + self.config.block_size:
+    def retire(self, leaving: int, keep: Tensor | None) -> None:
+        """Move the ``leaving`` oldest recent tokens into ``old``, keeping only the candidates
+        (old tokens, then leaving ones) indexed by ``keep`` [B, H, K] (ascending; None: all)."""
+        moving, self.recent = self.recent[..., :leaving, :], self.recent[..., leaving:, :]
+        old_length = self.old_length
+        if keep is None:
+            self.old = _cat(self.old, self._store(moving))
             return
-        leaving = self.recent.shape[-2] - window
-        fresh = encode(self.recent[..., :leaving, :], self.bits, self.config.method, self.config.seed)
-        self.recent = self.recent[..., leaving:, :]
-        self.encoded = fresh if self.encoded is None else _concat(self.encoded, fresh)
+        # Sorted indices list kept old tokens first: per head, n_old of them, then the leaving ones.
+        n_old = (keep < old_length).sum(-1, keepdim=True)  # [B, H, 1]
+        rank = torch.arange(keep.shape[-1], device=keep.device)
+        n_moving = int((keep.shape[-1] - n_old).max()) if leaving else 0
+        # Only the leaving tokens some head keeps are encoded: per head, padded to the longest list.
+        pick = torch.gather(keep, -1, (n_old + rank[:n_moving]).clamp(max=keep.shape[-1] - 1)) - old_length
+        fresh = self._store(_take(moving, pick.clamp(0, max(leaving - 1, 0))))
+        where = torch.where(rank < n_old, keep, old_length + rank - n_old)
+        self.old = _take(_cat(self.old, fresh), where)
+
+    def _store(self, states: Tensor) -> Encoded | Tensor:
+        if self.bits == 16 or states.shape[-2] == 0:
+            return states
+        return encode(states, self.bits, self.config.method, self.config.seed)
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (an indexing of dim 0) to every tensor held."""
         if self.recent is not None:
             self.recent = fn(self.recent)
-        if self.encoded is not None:
-            self.encoded = dataclasses.replace(self.encoded, codes=fn(self.encoded.codes), scales=fn(self.encoded.scales))
-
-    def numel_seen(self) -> int:
-        """Numbers a full-precision cache would hold for the same tokens."""
-        if self.recent is None:
-            return 0
-        batch, heads, _, dim = self.recent.shape
-        return batch * heads * self.length * dim
+        if isinstance(self.old, Encoded):
+            self.old = dataclasses.replace(self.old, codes=fn(self.old.codes), scales=fn(self.old.scales))
+        elif self.old is not None:
+            self.old = fn(self.old)
 
     def nbytes(self) -> dict[str, int]:
-        parts = {"codes": 0, "scales": 0, "window": 0}
-        if self.encoded is not None:
-            parts["codes"] = _bytes(self.encoded.codes)
-            parts["scales"] = _bytes(self.encoded.scales)
-        if self.recent is not None:
-            parts["window"] = _bytes(self.recent)
+        parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent)}
+        if isinstance(self.old, Encoded):
+            parts["codes"], parts["scales"] = _bytes(self.old.codes), _bytes(self.old.scales)
+        else:
+            parts["window"] += _bytes(self.old)  # 16-bit old tokens are full precision too
         return parts
 
-
-def _concat(first: Encoded, second: Encoded) -> Encoded:
-    return dataclasses.replace(
-        first,
-        codes=torch.cat([first.codes, second.codes], dim=-2),
-        scales=torch.cat([first.scales, second.scales], dim=-1),
-    )
+    def numel_seen(self, seen: int) -> int:
+        """Numbers a full-precision cache would hold for ``seen`` tokens."""
+        batch, heads, _, dim = self.recent.shape
+        return batch * heads * seen * dim
 
 
-def _bytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
+    """Gather tokens (dim 2) per batch row and head: index [B, H, K]."""
+    if x is None:
+        return None
+    if isinstance(x, Encoded):
+        return dataclasses.replace(x, codes=_take(x.codes, index), scales=torch.gather(x.scales, 2, index))
+    return torch.gather(x, 2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def _length(x: Encoded | Tensor | None) -> int:
+    if x is None:
+        return 0
+    return x.scales.shape[-1] if isinstance(x, Encoded) else x.shape[-2]
+
+
+def _cat(first: Encoded | Tensor | None, second: Encoded | Tensor | None) -> Encoded | Tensor | None:
+    if _length(first) == 0:
+        return second
+    if _length(second) == 0:
+        return first
+    if isinstance(first, Encoded):
+        return dataclasses.replace(
+            first,
+            codes=torch.cat([first.codes, second.codes], dim=-2),
+            scales=torch.cat([first.scales, second.scales], dim=-1),
+        )
+    return torch.cat([first, second], dim=-2)
+
+
+def _bytes(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def _positions(query_length: int, seen: int, kwargs: dict, device: torch.device) -> Tensor:
+    """Original positions [B or 1, q] of the new tokens; left padding is marked PAD.
+
+    transformers gives padding the same position as the token after it, so a token whose
+    position is not below the next one's is padding."""
+    position_ids = kwargs.get("kwargs", kwargs).get("position_ids")
+    if position_ids is None:
+        return torch.arange(seen, seen + query_length, device=device)[None]
+    position_ids = position_ids.to(device)
+    padding = torch.zeros_like(position_ids, dtype=torch.bool)
+    padding[:, :-1] = position_ids[:, :-1] >= position_ids[:, 1:]
+    return position_ids.masked_fill(padding, PAD)
 
 
 class NexusQuantLayer(CacheLayerMixin):
-    """A full-attention layer whose old tokens are held as E8 (or scalar) codes."""
+    """A full-attention layer that quantizes and evicts its old tokens."""
 
     is_sliding = False
     is_compileable = False
-    # Quantization cannot be undone, so assisted decoding's rollback is refused (transformers
-    # then explains that this cache cannot be cropped).
+    # Neither quantization nor eviction can be undone, so assisted decoding's rollback is
+    # refused (transformers then explains that this cache cannot be cropped).
     is_croppable = False
 
-    def __init__(self, config: NexusQuantConfig):
+    def __init__(self, config: NexusQuantConfig, scorer: str | None = None):
         super().__init__()
         self.config = config
-        self.key_stream = KVStream(config.key_bits, config)
-        self.value_stream = KVStream(config.value_bits, config)
+        self.scorer = scorer or config.scorer
+        self.reset()
+
+    def reset(self) -> None:
+        self.key_stream = KVStream(self.config.key_bits, self.config)
+        self.value_stream = KVStream(self.config.value_bits, self.config)
+        self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
+        self.scores: Tensor | None = None  # float32 [B, H, T_stored], only when evicting
+        self.seen = 0
+        self._unsettled = False
+        self.is_initialized = False
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.settle()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.key_stream.append(key_states), self.value_stream.append(value_states)
+        if self.config.evicts:
+            self._record(key_states, kwargs)
+        self.seen += key_states.shape[-2]
+        keys, values = self.key_stream.append(key_states), self.value_stream.append(value_states)
+        self._unsettled = True
+        PENDING_LAYER.set((self, keys))
+        return keys, values
+
+    def _record(self, key_states: Tensor, kwargs: dict) -> None:
+        batch, heads, length, _ = key_states.shape
+        positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
+        positions = positions[:, None].expand(batch, heads, length)
+        if self.scorer == "keynorm":
+            scores = key_norm_scores(key_states)
+        elif self.scorer == "streaming":
+            scores = positions.float()
+        else:
+            scores = torch.zeros(batch, heads, length, device=key_states.device)  # filled by observe()
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        self.scores = scores if self.scores is None else torch.cat([self.scores, scores], -1)
+
+    def observe(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float) -> None:
+        """Add the attention this forward's queries [B, Hq, q, d] paid to ``keys`` [B, Hkv, S, d],
+        the states ``update`` returned."""
+        if not self.config.evicts or self.scorer not in ATTENTION_SCORERS:
+            return
+        snapkv = self.scorer == "snapkv"
+        window = self.config.observation_window if snapkv else query.shape[-2]
+        self.scores += attention_scores(query, keys, attention_mask, scaling, window, SNAPKV_POOL if snapkv else 1)
+
+    def settle(self) -> None:
+        """Retire tokens that left the window: evict down to the budget, encode the survivors."""
+        if not self._unsettled:
+            return
+        self._unsettled = False
+        config = self.config
+        recent = self.key_stream.recent.shape[-2]
+        leaving = recent - config.recent_window if recent >= config.recent_window + config.block_size else 0
+        keep = None
+        if config.evicts:
+            candidates = self.key_stream.old_length + leaving
+            excess = self.key_stream.length - config.budget(self.seen)
+            if excess >= config.block_size or (excess > 0 and leaving):
+                keep = select_kept(
+                    self.scores[..., :candidates], self.positions[..., :candidates],
+                    max(candidates - excess, 0), config.sink_tokens,
+                )
+                self.positions = torch.cat([self.positions.gather(-1, keep), self.positions[..., candidates:]], -1)
+                self.scores = torch.cat([self.scores.gather(-1, keep), self.scores[..., candidates:]], -1)
+        if leaving or keep is not None:
+            self.key_stream.retire(leaving, keep)
+            self.value_stream.retire(leaving, keep)
 
     def get_seq_length(self) -> int:
-        return self.key_stream.length
+        return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        self.settle()
+        stored = self.key_stream.length
+        return stored + query_length, self.seen - stored
 
     def get_max_length(self) -> int:
         return -1
-
-    def reset(self) -> None:
-        self.key_stream = KVStream(self.config.key_bits, self.config)
-        self.value_stream = KVStream(self.config.value_bits, self.config)
-        self.is_initialized = False
 
     def offload(self):
         pass  # the compressed layer is small; it stays where it is
@@ -134,8 +259,11 @@ class NexusQuantLayer(CacheLayerMixin):
         pass
 
     def _map_batch(self, fn) -> None:
+        self.settle()
         self.key_stream.map_batch(fn)
         self.value_stream.map_batch(fn)
+        if self.positions is not None:
+            self.positions, self.scores = fn(self.positions), fn(self.scores)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -147,5 +275,9 @@ class NexusQuantLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices])
 
     def nbytes(self) -> dict[str, int]:
+        """Bytes held by part: codes, scales, full-precision window, positions and statistics."""
+        self.settle()
         keys, values = self.key_stream.nbytes(), self.value_stream.nbytes()
-        return {part: keys[part] + values[part] for part in keys}
+        parts = {part: keys[part] + values[part] for part in keys}
+        parts["metadata"] = _bytes(self.positions) + _bytes(self.scores)
+        return parts

@@ -1,0 +1,110 @@
+"""The only module that touches transformers internals.
+
+- Query capture: attention-aware scorers need each layer's real (post-RoPE) queries, which a
+  cache never sees. We register an attention function, ``"nexusquant"``, that hands the query
+  to the layer whose ``update`` just ran (matched by the identity of the key tensor it returned)
+  and then runs transformers' own SDPA attention, so outputs are SDPA's. A model uses it only
+  while a cache or a ``nexusquant_evict`` block needs it; its previous attention
+  implementation is restored afterwards.
+- ``nexusquant_evict(model, ...)``: a context manager that makes ``model.generate`` use a
+  NexusQuantCache, restored exactly on exit, also on exceptions.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .config import NexusQuantConfig
+from .layer import PENDING_LAYER
+
+__all__ = ["ATTENTION_NAME", "capture_queries", "nexusquant_evict"]
+
+ATTENTION_NAME = "nexusquant"
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    pending = PENDING_LAYER.get()
+    if pending is not None and pending[1] is key:
+        PENDING_LAYER.set(None)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        pending[0].observe(query, key, attention_mask, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# Adding a name to transformers' registries changes nothing for models that do not select it.
+AttentionInterface.register(ATTENTION_NAME, _attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+# id(model) -> [the model's previous attention implementation, number of users]
+_CAPTURING: dict[int, list] = {}
+
+
+def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
+    """Route ``model``'s attention through the query-capturing function until the returned
+    release function is called (idempotent; the last user restores the previous implementation).
+    Returns None when the model cannot switch its attention implementation."""
+    key = id(model)
+    if key not in _CAPTURING:
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+        if model.config._attn_implementation != ATTENTION_NAME:
+            return None
+        _CAPTURING[key] = [previous, 0]
+    _CAPTURING[key][1] += 1
+    model_ref = weakref.ref(model)
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        entry = _CAPTURING[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _CAPTURING[key]
+            if (owner := model_ref()) is not None:
+                owner.set_attn_implementation(entry[0])
+
+    return release
+
+
+@contextmanager
+def nexusquant_evict(model: PreTrainedModel, config: NexusQuantConfig | None = None, **fields) -> Iterator[PreTrainedModel]:
+    """Inside the block, ``model.generate`` uses a fresh NexusQuantCache per call.
+
+    Pass a ``NexusQuantConfig`` or its fields (``nexusquant_evict(model, key_bits=3,
+    keep_ratio=0.5)``). A call that passes its own cache keeps it. Direct forward calls are not
+    affected. On exit the model is as it was.
+    """
+    from .cache import NexusQuantCache  # the cache uses capture_queries: import it late
+
+    if config is not None and fields:
+        raise ValueError("pass either `config` or its fields, not both")
+    config = config if config is not None else NexusQuantConfig(**fields)
+    had_own_generate = "generate" in vars(model)
+    own_generate = vars(model).get("generate")
+    unbound = type(model).generate
+
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+            kwargs["past_key_values"] = NexusQuantCache(config, model=model)
+        return (own_generate or unbound.__get__(model))(*args, **kwargs)
+
+    release = capture_queries(model)
+    model.generate = generate
+    try:
+        yield model
+    finally:
+        if had_own_generate:
+            model.generate = own_generate
+        else:
+            del model.generate
+        if release is not None:
+            release()

@@ -1,0 +1,149 @@
+"""Eviction: exact against a reference that keeps only the same tokens, and the contract around it."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, nexusquant_evict
+from nexusquant_cache.layer import NexusQuantLayer
+from nexusquant_cache.policy import PAD
+from tests.tiny_models import MODELS, prompt, tiny_llama
+
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+
+PREFIX, STEP = 40, 6
+EVICT = dict(key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=8, block_size=4, sink_tokens=2)
+
+
+def padded_prompt(pads: int):
+    ids = prompt(length=PREFIX)
+    mask = torch.ones_like(ids)
+    mask[0, :pads] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate builds them: pads share position 0
+    return ids.masked_fill(mask == 0, 0), mask, positions
+
+
+def kept_reference(model, ids, mask, positions, cache):
+    """A DynamicCache holding, per layer and head, exactly the tokens the evicting cache kept,
+    taken from a full-precision prefill, and the 2D mask that goes with them."""
+    full = DynamicCache(config=model.config)
+    model(ids, attention_mask=mask, position_ids=positions, past_key_values=full)
+    reference = DynamicCache(config=model.config)
+    pads = (mask == 0).sum(-1)  # [B]
+    kept_mask = None
+    for index, (ours, theirs) in enumerate(zip(cache.layers, full.layers)):
+        if not isinstance(ours, NexusQuantLayer):
+            reference.layers[index] = theirs  # sliding layers are not evicted
+            continue
+        ours.settle()
+        assert (ours.positions != PAD).all()  # padding goes first
+        columns = (ours.positions + pads[:, None, None]).long()  # original column of each kept token
+        take = columns[..., None].expand(*columns.shape, theirs.keys.shape[-1])
+        reference.update(theirs.keys.gather(2, take), theirs.values.gather(2, take), index)
+        kept_mask = torch.ones(ids.shape[0], columns.shape[-1], dtype=mask.dtype)
+    return reference, kept_mask
+
+
+@pytest.mark.parametrize("name, pads", [("llama", 7), ("gpt2", 7), ("gemma3", 0)])
+@pytest.mark.parametrize("scorer", ["keynorm", "snapkv"])
+def test_eviction_equals_keeping_only_the_same_tokens(name, pads, scorer):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    ids, mask, positions = padded_prompt(pads)
+    cache = NexusQuantCache(NexusQuantConfig(**EVICT, scorer=scorer), model=model)
+    model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    reference, kept_mask = kept_reference(model, ids, mask, positions, cache)
+    stats = cache.stats()
+    assert stats["tokens_seen"] == PREFIX and stats["tokens_stored"] == kept_mask.shape[-1] == 20
+    step = prompt(length=STEP, seed=3)
+    step_positions = positions[:, -1:] + 1 + torch.arange(STEP)
+    ones = torch.ones(ids.shape[0], STEP, dtype=mask.dtype)
+    # Without padding, no 2D mask: the sliding layers of a hybrid model index it by their own
+    # offsets, which a shorter reference mask would not match.
+    ours, theirs = (torch.cat([m, ones], -1) if pads else None for m in (mask, kept_mask))
+    actual = model(step, attention_mask=ours, position_ids=step_positions, past_key_values=cache)
+    expected = model(step, attention_mask=theirs, position_ids=step_positions, past_key_values=reference)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=0)
+
+
+def test_every_layer_and_head_keeps_the_budget_with_sinks_and_window():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = NexusQuantConfig(key_bits=3, value_bits=2, keep_ratio=0.25, recent_window=16, block_size=8,
+                              sink_tokens=4, scorer="snapkv")
+    cache = NexusQuantCache(config, model=model)
+    ids = prompt(length=200)
+    model(ids, past_key_values=cache)
+    for _ in range(30):  # decoding: evictions come in blocks as the budget grows
+        model(ids[:, :1], past_key_values=cache)
+    seen = 230
+    stored = {layer.key_stream.length for layer in cache.layers}
+    assert len(stored) == 1  # the mask is built once for all layers
+    stored = stored.pop()
+    assert config.budget(seen) <= stored < config.budget(seen) + config.block_size
+    for layer in cache.layers:
+        positions = layer.positions
+        assert positions.shape == (2, 2, stored)
+        assert (positions[..., :4] == torch.arange(4, dtype=positions.dtype)).all()  # sinks
+        assert (positions[..., -16:] == torch.arange(seen - 16, seen, dtype=positions.dtype)).all()  # window
+        assert (positions.diff(dim=-1) > 0).all()  # original order
+        assert not torch.equal(positions[:, 0], positions[:, 1])  # heads choose for themselves
+    stats = cache.stats()
+    assert stats["tokens_stored"] == stored and stats["bytes"]["metadata"] > 0
+
+
+def test_snapkv_scores_come_from_the_real_queries():
+    """The captured scores equal the attention of the last queries, computed by eager attention."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = prompt(length=30)
+    config = NexusQuantConfig(**{**EVICT, "keep_ratio": 0.9}, scorer="h2o")
+    cache = NexusQuantCache(config, model=model)
+    model(ids, past_key_values=cache)
+    eager = tiny_llama()
+    eager.load_state_dict(model.state_dict())
+    eager.set_attn_implementation("eager")
+    attentions = eager(ids, output_attentions=True).attentions  # per layer [B, Hq, q, S]
+    for layer, weights in zip(cache.layers, attentions):
+        expected = weights.view(2, 2, 2, 30, 30).mean(2).sum(2)  # mean over each KV group, sum over queries
+        torch.testing.assert_close(layer.scores, expected, atol=1e-5, rtol=0)
+
+
+def test_query_capture_is_undone_when_the_cache_is_gone():
+    model = tiny_llama().eval()
+    before = model.config._attn_implementation
+    cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5), model=model)
+    second = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5), model=model)
+    assert model.config._attn_implementation == "nexusquant"
+    del cache
+    gc.collect()
+    assert model.config._attn_implementation == "nexusquant"  # the second cache still needs it
+    del second
+    gc.collect()
+    assert model.config._attn_implementation == before
+
+
+def test_without_a_model_attention_scorers_fall_back_to_key_norm():
+    cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5, scorer="snapkv"))
+    assert cache.scorer == "keynorm"
+
+
+def test_nexusquant_evict_uses_the_cache_and_restores_the_model():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    state = (dict(vars(model)), model.config._attn_implementation)
+    ids = prompt()
+    with nexusquant_evict(model, keep_ratio=0.5, recent_window=8, block_size=4) as same:
+        assert same is model and model.config._attn_implementation == "nexusquant"
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             return_dict_in_generate=True, pad_token_id=0)
+    assert isinstance(out.past_key_values, NexusQuantCache) and out.past_key_values.config.keep_ratio == 0.5
+    del out
+    gc.collect()
+    assert (dict(vars(model)), model.config._attn_implementation) == state
+    with pytest.raises(RuntimeError, match="boom"), nexusquant_evict(model, key_bits=2):
+        raise RuntimeError("boom")
+    assert (dict(vars(model)), model.config._attn_implementation) == state

@@ -1,0 +1,39 @@
+"""Tiny random models of the layouts the cache must serve, built from configs (no downloads)."""
+
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+
+def tiny_llama():
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gemma3():
+    config = Gemma3TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=16, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def tiny_gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=512))
+
+
+MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
+
+
+def prompt(batch=2, length=40, seed=1):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
