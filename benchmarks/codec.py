@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import platform
-import random
 import shlex
 import sys
 import time
@@ -34,6 +33,8 @@ import torch
 from torch import Tensor
 
 from nexusquant_cache.codec import decode, encode, rotate
+
+from _austen import TEXT_DIR, austen_windows
 
 METHODS = ("e8", "scalar")
 BITS = (2, 3, 4)
@@ -76,31 +77,6 @@ def gaussian_part(n: int, dims: tuple[int, ...], seed: int) -> list[dict]:
 
 
 # --- 2. SmolLM2 keys and values --------------------------------------------------------------
-
-
-def austen_windows(tokenizer, text_dir: Path, count: int, length: int, seed: int) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens, cycling through the novels at seeded random offsets.
-
-    Each window starts at a paragraph and, if the tokenizer has a BOS token, begins with it.
-    """
-    books = sorted(text_dir.glob("*.txt"))
-    if not books:
-        raise FileNotFoundError(f"no .txt files in {text_dir}; pass --text-dir")
-    prefix = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    rng = random.Random(seed)
-    windows = []
-    for i in range(count):
-        text = books[i % len(books)].read_text(encoding="utf-8")
-        span = 8 * length  # characters: comfortably more than `length` tokens of English prose
-        start = rng.randrange(max(1, len(text) - 2 * span))
-        paragraph = text.find("\n\n", start, start + span)
-        start = paragraph + 2 if paragraph >= 0 else start
-        ids = tokenizer(text[start : start + span].lstrip(), add_special_tokens=False).input_ids
-        window = prefix + ids[: length - len(prefix)]
-        if len(window) < length:
-            raise ValueError(f"{books[i % len(books)].name} is too short for a {length}-token window")
-        windows.append(window)
-    return windows
 
 
 @torch.inference_mode()
@@ -302,7 +278,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--no-real", action="store_true", help="skip the SmolLM2 part")
     parser.add_argument("--write-docs", action="store_true", help="write docs/codec-results.md and docs/codec.png")
-    parser.add_argument("--text-dir", type=Path, default=REPO.parent / "shared" / "data" / "austen")
+    parser.add_argument("--text-dir", type=Path, default=TEXT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()

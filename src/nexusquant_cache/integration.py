@@ -8,24 +8,32 @@
   implementation is restored afterwards.
 - ``nexusquant_evict(model, ...)``: a context manager that makes ``model.generate`` use a
   NexusQuantCache, restored exactly on exit, also on exceptions.
+- ``cache_implementation="nexusquant"``: transformers has no cache registry, so importing this
+  package adds the name to the list ``GenerationConfig.validate`` accepts and wraps
+  ``GenerationMixin._prepare_cache_for_generation`` to build a NexusQuantCache from
+  ``generation_config.cache_config`` for that name; every other value goes through untouched.
+  This is the package's one import-time side effect; it is idempotent.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
+from transformers.generation import configuration_utils
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import NexusQuantConfig
 from .layer import PENDING_LAYER
 
-__all__ = ["ATTENTION_NAME", "capture_queries", "nexusquant_evict"]
+__all__ = ["ATTENTION_NAME", "CACHE_IMPLEMENTATION", "capture_queries", "nexusquant_evict"]
 
 ATTENTION_NAME = "nexusquant"
+CACHE_IMPLEMENTATION = "nexusquant"
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -108,3 +116,26 @@ def nexusquant_evict(model: PreTrainedModel, config: NexusQuantConfig | None = N
             del model.generate
         if release is not None:
             release()
+
+
+def _register_cache_implementation() -> None:
+    if CACHE_IMPLEMENTATION not in configuration_utils.ALL_CACHE_IMPLEMENTATIONS:
+        configuration_utils.ALL_CACHE_IMPLEMENTATIONS += (CACHE_IMPLEMENTATION,)
+    original = GenerationMixin._prepare_cache_for_generation
+    if getattr(original, "_nexusquant", False):
+        return
+
+    @functools.wraps(original)
+    def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
+        if generation_config.cache_implementation != CACHE_IMPLEMENTATION or model_kwargs.get("cache") is not None:
+            return original(self, generation_config, model_kwargs, *args, **kwargs)  # also reports conflicts
+        from .cache import NexusQuantCache
+
+        config = NexusQuantConfig.from_dict(dict(generation_config.cache_config or {}))
+        model_kwargs["cache"] = NexusQuantCache(config, model=self)
+
+    prepare_cache._nexusquant = True
+    GenerationMixin._prepare_cache_for_generation = prepare_cache
+
+
+_register_cache_implementation()

@@ -214,9 +214,15 @@ class NexusQuantLayer(CacheLayerMixin):
         the states ``update`` returned."""
         if not self.config.evicts or self.scorer not in ATTENTION_SCORERS:
             return
-        snapkv = self.scorer == "snapkv"
-        window = self.config.observation_window if snapkv else query.shape[-2]
-        self.scores += attention_scores(query, keys, attention_mask, scaling, window, SNAPKV_POOL if snapkv else 1)
+        length = query.shape[-2]
+        if self.scorer == "snapkv":
+            # An exponential window of about `observation_window` queries: stale votes fade, so
+            # tokens that arrived late are not outvoted by the sheer age of older ones.
+            window = self.config.observation_window
+            self.scores.mul_((1 - 1 / window) ** length)
+            self.scores += attention_scores(query, keys, attention_mask, scaling, window, SNAPKV_POOL)
+        else:
+            self.scores += attention_scores(query, keys, attention_mask, scaling, length, 1)
 
     def settle(self) -> None:
         """Retire tokens that left the window: evict down to the budget, encode the survivors."""

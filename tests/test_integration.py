@@ -1,0 +1,66 @@
+"""cache_implementation="nexusquant": the registration transformers needs, on the installed release."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache, GenerationConfig, GenerationMixin
+
+import nexusquant_cache
+from nexusquant_cache import NexusQuantCache
+from nexusquant_cache.integration import _register_cache_implementation
+from tests.tiny_models import prompt, tiny_llama
+
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+
+
+def generate(model, **kwargs):
+    ids = prompt()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences, out.past_key_values
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return tiny_llama().eval()
+
+
+def test_cache_implementation_builds_the_configured_cache(model):
+    tokens, cache = generate(model, cache_implementation="nexusquant", cache_config={"key_bits": 16, "value_bits": 16})
+    expected, _ = generate(model)
+    assert isinstance(cache, NexusQuantCache) and cache.config.key_bits == 16
+    assert torch.equal(tokens, expected)  # 16-bit: the same tokens as DynamicCache
+
+
+def test_generation_config_route_and_json_round_trip(model, tmp_path):
+    model.generation_config.cache_implementation = "nexusquant"
+    model.generation_config.cache_config = {"key_bits": 2, "keep_ratio": 0.5, "recent_window": 8, "block_size": 4}
+    model.generation_config.save_pretrained(tmp_path)
+    loaded = GenerationConfig.from_pretrained(tmp_path)
+    assert loaded.cache_implementation == "nexusquant"
+    _, cache = generate(model)
+    assert isinstance(cache, NexusQuantCache) and cache.config.key_bits == 2 and cache.config.keep_ratio == 0.5
+
+
+def test_other_cache_implementations_are_untouched(model):
+    _, cache = generate(model)
+    assert type(cache) is DynamicCache
+    with pytest.raises(ValueError, match="Passing both `cache_implementation`"):
+        generate(model, cache_implementation="nexusquant", past_key_values=DynamicCache())
+
+
+def test_bad_cache_config_names_the_field(model):
+    with pytest.raises(ValueError, match="`key_bits` must be one of"):
+        generate(model, cache_implementation="nexusquant", cache_config={"key_bits": 5})
+
+
+def test_registration_is_idempotent():
+    wrapped = GenerationMixin._prepare_cache_for_generation
+    _register_cache_implementation()
+    assert GenerationMixin._prepare_cache_for_generation is wrapped and wrapped._nexusquant
+    from transformers.generation import configuration_utils
+
+    assert configuration_utils.ALL_CACHE_IMPLEMENTATIONS.count("nexusquant") == 1
+    assert nexusquant_cache.NexusQuantCache is NexusQuantCache
