@@ -76,16 +76,11 @@ def test_quantized_cache_serves_exactly_its_decoded_codes(model):
     model(ids, past_key_values=cache)
     reference = DynamicCache(config=model.config)
     for index, layer in enumerate(cache.layers):
-        if isinstance(layer, NexusQuantLayer):
-            layer.settle()
-            keys, values = (
-                torch.cat([decode(s.old), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream)
-            )
-        else:
-            keys, values = layer.keys, layer.values
+        layer.settle()
+        keys, values = (torch.cat([decode(s.old), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream))
         reference.update(keys, values, index)
-        if not isinstance(layer, NexusQuantLayer):
-            reference.layers[index].cumulative_length = layer.cumulative_length
+        if layer.is_sliding:
+            reference.layers[index].cumulative_length = layer.seen
     step = prompt(length=6, seed=3)
     position_ids = torch.arange(40, 46).expand(2, -1)
     expected = model(step, past_key_values=reference, position_ids=position_ids).logits
@@ -125,12 +120,9 @@ def test_stats_count_every_tensor_held(model):
     stats = cache.stats()
     held = 0
     for layer in cache.layers:
-        if isinstance(layer, NexusQuantLayer):
-            for stream in (layer.key_stream, layer.value_stream):
-                held += sum(t.untyped_storage().nbytes() for t in (stream.old.codes, stream.old.scales))
-                held += stream.recent.numel() * stream.recent.element_size()
-        else:
-            held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        for stream in (layer.key_stream, layer.value_stream):
+            held += sum(t.untyped_storage().nbytes() for t in (stream.old.codes, stream.old.scales))
+            held += stream.recent.numel() * stream.recent.element_size()
     assert stats["bytes"]["total"] == held and stats["tokens_seen"] == stats["tokens_stored"] == 40
     assert stats["ratio"] == stats["baseline_bytes"] / held
 
@@ -215,3 +207,26 @@ def test_config_round_trips_through_a_dict():
         NexusQuantConfig.from_dict({"keep": 0.5})
     with pytest.raises(TypeError, match="NexusQuantConfig"):
         NexusQuantCache({"key_bits": 3})
+
+
+def test_sliding_layers_keep_transformers_window_semantics():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    torch.manual_seed(0)
+    exact = NexusQuantLayer(FULL, sliding_window=12)
+    quantized = NexusQuantLayer(NexusQuantConfig(key_bits=2, value_bits=3, recent_window=4, block_size=2), sliding_window=12)
+    reference = DynamicSlidingWindowLayer(sliding_window=12)
+    tokens = torch.randn(2, 1, 40, 16)
+    start = 0
+    for length in [5, 3, 1, 9, 1, 1, 14, 1, 5]:
+        chunk = tokens[:, :, start : start + length]
+        start += length
+        assert exact.get_mask_sizes(length) == quantized.get_mask_sizes(length) == reference.get_mask_sizes(length)
+        expected, _ = reference.update(chunk, chunk)
+        assert torch.equal(exact.update(chunk, chunk)[0], expected)
+        keys, values = quantized.update(chunk, chunk)
+        assert keys.shape == expected.shape and torch.equal(keys[:, :, -length:], chunk)  # new tokens exact
+        assert exact.get_seq_length() == quantized.get_seq_length() == reference.get_seq_length() == start
+    quantized.settle()
+    assert quantized.key_stream.length == 11 and quantized.key_stream.recent.shape[-2] <= 4 + 2
+    assert quantized.get_max_length() == 12 and quantized.is_sliding

@@ -7,7 +7,7 @@ import weakref
 from functools import partial
 
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .config import NexusQuantConfig
 from .integration import capture_queries
@@ -29,8 +29,9 @@ class NexusQuantCache(Cache):
             every layer is a full-attention layer, created as the model first uses it.
         model_config: a model config instead of the model.
 
-    Sliding-window layers (Gemma 2/3, Mistral with a window) keep transformers' own sliding
-    layer at full precision.
+    Sliding-window layers (Gemma 2/3, Mistral with a window) keep their window semantics: they
+    hold the last ``sliding_window - 1`` tokens, quantized like the others beyond the
+    full-precision window, and never evict.
 
     The attention scorers (``"snapkv"``, ``"h2o"``) read the model's queries: while the cache
     lives, ``model`` runs its attention through the ``"nexusquant"`` function (transformers'
@@ -70,24 +71,21 @@ class NexusQuantCache(Cache):
     def stats(self) -> dict:
         """Tokens seen and stored, bytes held by part, and the ratio against a 16-bit cache.
 
-        ``bytes`` counts every tensor the cache holds: codes, scales, the full-precision window
-        of quantized layers, token positions and scores (``metadata``, only when evicting), and
-        sliding-window layers. ``baseline_bytes`` is what a 16-bit
+        ``bytes`` counts every tensor the cache holds: codes, scales, the full-precision windows
+        (and old tokens of a side kept at 16 bits), token positions and scores (``metadata``,
+        only when evicting). ``tokens_stored`` is per full-attention layer. ``baseline_bytes`` is what a 16-bit
         DynamicCache built for the same model holds for the same tokens.
         """
-        parts = {"codes": 0, "scales": 0, "window": 0, "metadata": 0, "sliding": 0}
+        parts = {"codes": 0, "scales": 0, "window": 0, "metadata": 0}
         baseline = 0
         stored = None
         for layer in self.layers:
-            if isinstance(layer, NexusQuantLayer) and layer.is_initialized:
+            if layer.is_initialized:
                 for part, size in layer.nbytes().items():
                     parts[part] += size
-                baseline += 2 * sum(stream.numel_seen(layer.seen) for stream in (layer.key_stream, layer.value_stream))
-                stored = layer.key_stream.length
-            elif layer.is_initialized and layer.keys is not None:
-                held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                parts["sliding"] += held
-                baseline += 2 * (layer.keys.numel() + layer.values.numel())
+                baseline += 2 * layer.baseline_numel()
+                if not layer.is_sliding:
+                    stored = layer.key_stream.length
         total = sum(parts.values())
         return {
             "tokens_seen": self.get_seq_length(),
@@ -112,7 +110,7 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
         if layer_type == "full_attention":
             layers.append(NexusQuantLayer(config, scorer))
         elif layer_type in _SLIDING_TYPES:
-            layers.append(DynamicSlidingWindowLayer(**kwargs))
+            layers.append(NexusQuantLayer(config, scorer, sliding_window=kwargs["sliding_window"]))
         else:
             raise NotImplementedError(
                 f"NexusQuantCache does not support {model_type!r} layers of type {layer_type!r}; "

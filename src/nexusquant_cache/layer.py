@@ -81,6 +81,14 @@ class KVStream:
         where = torch.where(rank < n_old, keep, old_length + rank - n_old)
         self.old = _take(_cat(self.old, fresh), where)
 
+    def drop_oldest(self, count: int) -> None:
+        """Forget the ``count`` oldest tokens (a sliding window moving on)."""
+        from_old = min(count, self.old_length)
+        if from_old:
+            self.old = _take(self.old, _arange_like(self.old, from_old))
+        if count > from_old:
+            self.recent = self.recent[..., count - from_old :, :]
+
     def _store(self, states: Tensor) -> Encoded | Tensor:
         if self.bits == 16 or states.shape[-2] == 0:
             return states
@@ -103,10 +111,10 @@ class KVStream:
             parts["window"] += _bytes(self.old)  # 16-bit old tokens are full precision too
         return parts
 
-    def numel_seen(self, seen: int) -> int:
-        """Numbers a full-precision cache would hold for ``seen`` tokens."""
+    def numel(self, tokens: int) -> int:
+        """Numbers a full-precision cache holds for ``tokens`` tokens of this stream."""
         batch, heads, _, dim = self.recent.shape
-        return batch * heads * seen * dim
+        return batch * heads * tokens * dim
 
 
 def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
@@ -116,6 +124,13 @@ def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
     if isinstance(x, Encoded):
         return dataclasses.replace(x, codes=_take(x.codes, index), scales=torch.gather(x.scales, 2, index))
     return torch.gather(x, 2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def _arange_like(x: Encoded | Tensor, start: int) -> Tensor:
+    """Token indices start..T_old-1 for every batch row and head of ``x``, as [B, H, T_old - start]."""
+    scales = x.scales if isinstance(x, Encoded) else x[..., 0]
+    index = torch.arange(start, scales.shape[-1], device=scales.device)
+    return index.expand(*scales.shape[:-1], -1)
 
 
 def _length(x: Encoded | Tensor | None) -> int:
@@ -157,18 +172,25 @@ def _positions(query_length: int, seen: int, kwargs: dict, device: torch.device)
 
 
 class NexusQuantLayer(CacheLayerMixin):
-    """A full-attention layer that quantizes and evicts its old tokens."""
+    """A full-attention layer that quantizes and evicts its old tokens.
 
-    is_sliding = False
+    With ``sliding_window`` it is a sliding-window layer instead: it keeps the last
+    ``sliding_window - 1`` tokens as transformers' ``DynamicSlidingWindowLayer`` does, quantizes
+    those older than its full-precision window, and never evicts.
+    """
+
     is_compileable = False
     # Neither quantization nor eviction can be undone, so assisted decoding's rollback is
     # refused (transformers then explains that this cache cannot be cropped).
     is_croppable = False
 
-    def __init__(self, config: NexusQuantConfig, scorer: str | None = None):
+    def __init__(self, config: NexusQuantConfig, scorer: str | None = None, sliding_window: int | None = None):
         super().__init__()
         self.config = config
         self.scorer = scorer or config.scorer
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.evicts = config.evicts and not self.is_sliding
         self.reset()
 
     def reset(self) -> None:
@@ -188,7 +210,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.settle()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.config.evicts:
+        if self.evicts:
             self._record(key_states, kwargs)
         self.seen += key_states.shape[-2]
         keys, values = self.key_stream.append(key_states), self.value_stream.append(value_states)
@@ -212,7 +234,7 @@ class NexusQuantLayer(CacheLayerMixin):
     def observe(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float) -> None:
         """Add the attention this forward's queries [B, Hq, q, d] paid to ``keys`` [B, Hkv, S, d],
         the states ``update`` returned."""
-        if not self.config.evicts or self.scorer not in ATTENTION_SCORERS:
+        if not self.evicts or self.scorer not in ATTENTION_SCORERS:
             return
         length = query.shape[-2]
         if self.scorer == "snapkv":
@@ -230,10 +252,13 @@ class NexusQuantLayer(CacheLayerMixin):
             return
         self._unsettled = False
         config = self.config
+        if self.is_sliding and (beyond := self.key_stream.length - (self.sliding_window - 1)) > 0:
+            self.key_stream.drop_oldest(beyond)
+            self.value_stream.drop_oldest(beyond)
         recent = self.key_stream.recent.shape[-2]
         leaving = recent - config.recent_window if recent >= config.recent_window + config.block_size else 0
         keep = None
-        if config.evicts:
+        if self.evicts:
             candidates = self.key_stream.old_length + leaving
             excess = self.key_stream.length - config.budget(self.seen)
             if excess >= config.block_size or (excess > 0 and leaving):
@@ -256,7 +281,12 @@ class NexusQuantLayer(CacheLayerMixin):
         return stored + query_length, self.seen - stored
 
     def get_max_length(self) -> int:
-        return -1
+        return self.sliding_window if self.is_sliding else -1
+
+    def baseline_numel(self) -> int:
+        """Numbers a 16-bit DynamicCache layer of the same kind holds for the tokens seen."""
+        tokens = self.seen if not self.is_sliding else min(self.seen, self.sliding_window - 1)
+        return self.key_stream.numel(tokens) + self.value_stream.numel(tokens)
 
     def offload(self):
         pass  # the compressed layer is small; it stays where it is
