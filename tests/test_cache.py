@@ -230,3 +230,28 @@ def test_sliding_layers_keep_transformers_window_semantics():
     quantized.settle()
     assert quantized.key_stream.length == 11 and quantized.key_stream.recent.shape[-2] <= 4 + 2
     assert quantized.get_max_length() == 12 and quantized.is_sliding
+
+
+def test_layer_overrides_keep_chosen_layers_exact():
+    import json
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = NexusQuantConfig(key_bits=2, value_bits=2, recent_window=4, block_size=4,
+                              layer_overrides={0: {"key_bits": 16}, -1: {"key_bits": 16, "value_bits": 16}})
+    assert NexusQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    cache = NexusQuantCache(config, model=model)
+    ids = prompt()
+    model(ids, past_key_values=cache)
+    reference = DynamicCache()
+    model(ids, past_key_values=reference)
+    first, middle, last = cache.layers
+    for layer in cache.layers:
+        layer.settle()
+    assert torch.equal(first.key_stream.old, reference.layers[0].keys[..., :36, :])  # exact keys
+    assert first.value_stream.old.bits == 2 and middle.key_stream.old.bits == 2
+    assert torch.equal(last.value_stream.old, reference.layers[2].values[..., :36, :])
+    with pytest.raises(ValueError, match="may set only 'key_bits' and 'value_bits'"):
+        NexusQuantConfig(layer_overrides={0: {"keep_ratio": 0.5}})
+    with pytest.raises(ValueError, match="needs the model's layers"):
+        NexusQuantCache(config)

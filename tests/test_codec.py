@@ -215,3 +215,9 @@ def test_huge_float32_values_keep_their_magnitude():
     y = decode(encode(x, 4))
     assert torch.isfinite(y).all() and relative_mse(x, y) < CEILING["e8", 4]
     assert math.isclose(y.norm().item(), x.norm().item(), rel_tol=0.05)
+
+
+def test_words_are_stored_little_endian():
+    assert pack_words(torch.tensor([[0x0A0B0C0D]]), 4).tolist() == [[0x0D, 0x0C, 0x0B, 0x0A]]
+    assert pack_words(torch.tensor([[0x0A0B0C]]), 3).tolist() == [[0x0C, 0x0B, 0x0A]]
+    assert pack_words(torch.tensor([[0xFFFE]]), 2).tolist() == [[0xFE, 0xFF]]

@@ -64,6 +64,8 @@ class NexusQuantCache(Cache):
         if model is not None:
             model_config = model.config
         if model_config is None:
+            if config.layer_overrides:
+                raise ValueError("`layer_overrides` needs the model's layers: pass `model=` or `model_config=`")
             super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer))
         else:
             super().__init__(layers=_layers_for(model_config, config, scorer))
@@ -106,11 +108,12 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
         )
     layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
     layers = []
-    for layer_type, kwargs in zip(layer_types, layer_kwargs):
+    for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+        layer_config = config.for_layer(index, len(layer_types))
         if layer_type == "full_attention":
-            layers.append(NexusQuantLayer(config, scorer))
+            layers.append(NexusQuantLayer(layer_config, scorer))
         elif layer_type in _SLIDING_TYPES:
-            layers.append(NexusQuantLayer(config, scorer, sliding_window=kwargs["sliding_window"]))
+            layers.append(NexusQuantLayer(layer_config, scorer, sliding_window=kwargs["sliding_window"]))
         else:
             raise NotImplementedError(
                 f"NexusQuantCache does not support {model_type!r} layers of type {layer_type!r}; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .codec import SUPPORTED_BITS, Method
 
@@ -39,6 +39,10 @@ class NexusQuantConfig:
             ``"streaming"`` (sinks and the most recent tokens). The attention scorers need the
             model's queries (pass ``model=``); without a model the cache uses ``"keynorm"``.
         observation_window: queries per forward that ``"snapkv"`` scores with.
+        layer_overrides: per-layer ``key_bits`` / ``value_bits``, e.g. ``{0: {"key_bits": 16},
+            -1: {"key_bits": 16}}`` keeps the first and last layers' keys exact. Layer indices
+            may be negative (from the end); they need the model's layer count (``model=``).
+            Eviction settings cannot differ per layer: transformers builds one mask for all.
     """
 
     key_bits: int = 4
@@ -52,6 +56,7 @@ class NexusQuantConfig:
     sink_tokens: int = 4
     scorer: str = "snapkv"
     observation_window: int = 64
+    layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
@@ -73,6 +78,20 @@ class NexusQuantConfig:
             _check_int("token_budget", self.token_budget, minimum=self._budget_floor)
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
+        if not isinstance(self.layer_overrides, dict):
+            raise ValueError(f"`layer_overrides` must be a dict of layer index -> fields but got {self.layer_overrides!r}")
+        overrides = {}
+        for index, fields_ in self.layer_overrides.items():
+            try:
+                index = int(index)  # JSON keys are strings
+            except (TypeError, ValueError):
+                raise ValueError(f"`layer_overrides` keys must be layer indices but got {index!r}") from None
+            unknown = sorted(set(fields_) - {"key_bits", "value_bits"}) if isinstance(fields_, dict) else [fields_]
+            if unknown:
+                raise ValueError(f"`layer_overrides[{index}]` may set only 'key_bits' and 'value_bits' but got {unknown}")
+            replace(self, layer_overrides={}, **fields_)  # validates the values
+            overrides[index] = dict(fields_)
+        object.__setattr__(self, "layer_overrides", overrides)
 
     @property
     def evicts(self) -> bool:
@@ -95,6 +114,11 @@ class NexusQuantConfig:
     def compresses(self) -> bool:
         """Whether any side is quantized at all."""
         return min(self.key_bits, self.value_bits) < 16
+
+    def for_layer(self, index: int, layers: int) -> "NexusQuantConfig":
+        """The settings of layer ``index`` of ``layers``, overrides applied."""
+        chosen = self.layer_overrides.get(index, self.layer_overrides.get(index - layers, {}))
+        return replace(self, layer_overrides={}, **chosen) if chosen else self
 
     def to_dict(self) -> dict:
         return asdict(self)
