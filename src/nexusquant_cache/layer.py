@@ -153,6 +153,13 @@ def _cat(first: Encoded | Tensor | None, second: Encoded | Tensor | None) -> Enc
     return torch.cat([first, second], dim=-2)
 
 
+def _keep(stats: Tensor | None, keep: Tensor, candidates: int) -> Tensor | None:
+    """Per-token statistics [B, H, T] after eviction: the kept candidates, then the rest."""
+    if stats is None:
+        return None
+    return torch.cat([stats.gather(-1, keep), stats[..., candidates:]], -1)
+
+
 def _bytes(tensor: Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
@@ -197,7 +204,8 @@ class NexusQuantLayer(CacheLayerMixin):
         self.key_stream = KVStream(self.config.key_bits, self.config)
         self.value_stream = KVStream(self.config.value_bits, self.config)
         self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
-        self.scores: Tensor | None = None  # float32 [B, H, T_stored], only when evicting
+        # float16 [B, H, T_stored], only when evicting by score (streaming ranks by position)
+        self.scores: Tensor | None = None
         self.seen = 0
         self._unsettled = False
         self.is_initialized = False
@@ -222,13 +230,13 @@ class NexusQuantLayer(CacheLayerMixin):
         batch, heads, length, _ = key_states.shape
         positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
         positions = positions[:, None].expand(batch, heads, length)
-        if self.scorer == "keynorm":
-            scores = key_norm_scores(key_states)
-        elif self.scorer == "streaming":
-            scores = positions.float()
-        else:
-            scores = torch.zeros(batch, heads, length, device=key_states.device)  # filled by observe()
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        if self.scorer == "streaming":
+            return
+        if self.scorer == "keynorm":
+            scores = key_norm_scores(key_states).half()
+        else:
+            scores = torch.zeros(batch, heads, length, dtype=torch.float16, device=key_states.device)  # see observe()
         self.scores = scores if self.scores is None else torch.cat([self.scores, scores], -1)
 
     def observe(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float) -> None:
@@ -262,12 +270,13 @@ class NexusQuantLayer(CacheLayerMixin):
             candidates = self.key_stream.old_length + leaving
             excess = self.key_stream.length - config.budget(self.seen)
             if excess >= config.block_size or (excess > 0 and leaving):
+                ranking = self.positions if self.scores is None else self.scores
                 keep = select_kept(
-                    self.scores[..., :candidates], self.positions[..., :candidates],
+                    ranking[..., :candidates], self.positions[..., :candidates],
                     max(candidates - excess, 0), config.sink_tokens,
                 )
-                self.positions = torch.cat([self.positions.gather(-1, keep), self.positions[..., candidates:]], -1)
-                self.scores = torch.cat([self.scores.gather(-1, keep), self.scores[..., candidates:]], -1)
+                self.positions = _keep(self.positions, keep, candidates)
+                self.scores = _keep(self.scores, keep, candidates)
         if leaving or keep is not None:
             self.key_stream.retire(leaving, keep)
             self.value_stream.retire(leaving, keep)
@@ -299,7 +308,9 @@ class NexusQuantLayer(CacheLayerMixin):
         self.key_stream.map_batch(fn)
         self.value_stream.map_batch(fn)
         if self.positions is not None:
-            self.positions, self.scores = fn(self.positions), fn(self.scores)
+            self.positions = fn(self.positions)
+        if self.scores is not None:
+            self.scores = fn(self.scores)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -13,7 +13,7 @@ def select_kept(scores: Tensor, positions: Tensor, keep: int, sink_tokens: int) 
     """Indices of the ``keep`` tokens to keep, ascending, the same count for every KV head.
 
     Args:
-        scores: [B, H, N] float, higher = more important.
+        scores: [B, H, N], higher = more important.
         positions: [B, H, N] original positions; ``PAD`` marks padding.
         keep: how many of the N candidates survive.
         sink_tokens: tokens at positions below this are kept first (attention sinks).
