@@ -255,3 +255,27 @@ def test_layer_overrides_keep_chosen_layers_exact():
         NexusQuantConfig(layer_overrides={0: {"keep_ratio": 0.5}})
     with pytest.raises(ValueError, match="needs the model's layers"):
         NexusQuantCache(config)
+
+
+def test_chunked_prefill_compresses_between_chunks(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = prompt(length=120)
+    config = NexusQuantConfig(key_bits=3, value_bits=2, keep_ratio=0.5, recent_window=8, block_size=4, scorer="snapkv")
+    cache = NexusQuantCache(config, model=model)
+    largest = []
+    original = NexusQuantLayer.update
+
+    def spy(self, key_states, value_states, *args, **kwargs):
+        out = original(self, key_states, value_states, *args, **kwargs)
+        largest.append(self.key_stream.recent.shape[-2])  # full-precision tokens held right now
+        return out
+
+    monkeypatch.setattr(NexusQuantLayer, "update", spy)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                   past_key_values=cache, prefill_chunk_size=16, pad_token_id=0)
+    assert max(largest) <= 16 + config.recent_window + config.block_size
+    assert cache.stats()["tokens_stored"] < 120 * 0.5 + config.block_size + 3
+    expected, _ = generate(model, ids, DynamicCache(config=model.config), prefill_chunk_size=16)
+    tokens, _ = generate(model, ids, NexusQuantCache(FULL, model=model), prefill_chunk_size=16)
+    assert torch.equal(tokens, expected)
