@@ -66,7 +66,8 @@ class KVStream:
     def retire(self, leaving: int, keep: Tensor | None) -> None:
         """Move the ``leaving`` oldest recent tokens into ``old``, keeping only the candidates
         (old tokens, then leaving ones) indexed by ``keep`` [B, H, K] (ascending; None: all)."""
-        moving, self.recent = self.recent[..., :leaving, :], self.recent[..., leaving:, :]
+        # A copy, not a view: a view would keep the whole pre-retirement window allocated.
+        moving, self.recent = self.recent[..., :leaving, :], self.recent[..., leaving:, :].clone()
         old_length = self.old_length
         if keep is None:
             self.old = _cat(self.old, self._store(moving))
@@ -87,7 +88,7 @@ class KVStream:
         if from_old:
             self.old = _take(self.old, _arange_like(self.old, from_old))
         if count > from_old:
-            self.recent = self.recent[..., count - from_old :, :]
+            self.recent = self.recent[..., count - from_old :, :].clone()
 
     def _store(self, states: Tensor) -> Encoded | Tensor:
         if self.bits == 16 or states.shape[-2] == 0:
