@@ -50,25 +50,27 @@ class NexusQuantCache(Cache):
         if not isinstance(config, NexusQuantConfig):
             raise TypeError(f"`config` must be a NexusQuantConfig but got {type(config).__name__}")
         self.config = config
-        scorer = config.scorer
-        if config.evicts and scorer in ATTENTION_SCORERS:
-            release = capture_queries(model) if model is not None else None
-            if release is None:
-                if model is not None:
-                    warnings.warn(f"{type(model).__name__} cannot route its attention through NexusQuantCache's "
-                                  f"query capture; scoring with 'keynorm' instead of {scorer!r}", stacklevel=2)
-                scorer = "keynorm"
-            else:
-                weakref.finalize(self, release)
-        self.scorer = scorer
-        if model is not None:
-            model_config = model.config
+        wants_queries = config.evicts and config.scorer in ATTENTION_SCORERS
+        # Query capture needs the model; a failed switch is known only once tried (below).
+        scorer = config.scorer if model is not None or not wants_queries else "keynorm"
+        model_config = model.config if model is not None else model_config
         if model_config is None:
             if config.layer_overrides:
                 raise ValueError("`layer_overrides` needs the model's layers: pass `model=` or `model_config=`")
             super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer))
         else:
             super().__init__(layers=_layers_for(model_config, config, scorer))
+        if wants_queries and model is not None:
+            release = capture_queries(model)
+            if release is None:
+                warnings.warn(f"{type(model).__name__} cannot route its attention through NexusQuantCache's query "
+                              f"capture; scoring with 'keynorm' instead of {scorer!r}", stacklevel=2)
+                scorer = "keynorm"
+                for layer in self.layers:
+                    layer.scorer = scorer
+            else:
+                weakref.finalize(self, release)
+        self.scorer = scorer
 
     def stats(self) -> dict:
         """Tokens seen and stored, bytes held by part, and the ratio against a 16-bit cache.

@@ -224,7 +224,8 @@ class NexusQuantLayer(CacheLayerMixin):
         self.seen += key_states.shape[-2]
         keys, values = self.key_stream.append(key_states), self.value_stream.append(value_states)
         self._unsettled = True
-        PENDING_LAYER.set((self, keys))
+        if self.evicts and self.scorer in ATTENTION_SCORERS:
+            PENDING_LAYER.set((self, keys))  # the attention function takes it right away
         return keys, values
 
     def _record(self, key_states: Tensor, kwargs: dict) -> None:
