@@ -161,3 +161,20 @@ def test_streaming_keeps_sinks_and_the_most_recent_tokens():
     expected = torch.cat([torch.arange(4), torch.arange(100 - (kept - 4), 100)]).to(layer.positions.dtype)
     assert kept == config.budget(100) and layer.scores is None
     assert (layer.positions == expected).all()
+
+
+def test_models_sdpa_cannot_serve_fall_back_to_key_norm():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16)
+    model = Gemma2ForCausalLM(config).eval()  # attention softcapping: SDPA cannot run it
+    before = model.config._attn_implementation
+    with pytest.warns(UserWarning, match="scoring with 'keynorm'"):
+        cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5, recent_window=8, block_size=4), model=model)
+    assert cache.scorer == "keynorm" and model.config._attn_implementation == before
+    ids = prompt()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                         past_key_values=cache, pad_token_id=0)
+    assert out.shape == (2, 44) and cache.stats()["tokens_stored"] < 44

@@ -49,23 +49,29 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ATTENTION_NAME, _attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
-# id(model) -> [the model's previous attention implementation, number of users]
+# id(model) -> [weak reference to the model, its previous attention implementation, users]
 _CAPTURING: dict[int, list] = {}
 
 
 def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
     """Route ``model``'s attention through the query-capturing function until the returned
     release function is called (idempotent; the last user restores the previous implementation).
-    Returns None when the model cannot switch its attention implementation."""
+
+    Returns None when the model cannot use it: a model that cannot switch its attention
+    implementation, or one that needs eager-only features SDPA lacks (attention softcapping).
+    """
+    text_config = model.config.get_text_config(decoder=True)
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        return None
     key = id(model)
-    if key not in _CAPTURING:
+    entry = _CAPTURING.get(key)
+    if entry is None or entry[0]() is not model:  # a new model, or a dead one's id reused
         previous = model.config._attn_implementation
         model.set_attn_implementation(ATTENTION_NAME)
         if model.config._attn_implementation != ATTENTION_NAME:
             return None
-        _CAPTURING[key] = [previous, 0]
-    _CAPTURING[key][1] += 1
-    model_ref = weakref.ref(model)
+        entry = _CAPTURING[key] = [weakref.ref(model), previous, 0]
+    entry[2] += 1
     released = False
 
     def release() -> None:
@@ -73,12 +79,12 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
         if released:
             return
         released = True
-        entry = _CAPTURING[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _CAPTURING[key]
-            if (owner := model_ref()) is not None:
-                owner.set_attn_implementation(entry[0])
+        entry[2] -= 1
+        if entry[2] == 0:
+            if _CAPTURING.get(key) is entry:
+                del _CAPTURING[key]
+            if (owner := entry[0]()) is not None:
+                owner.set_attn_implementation(entry[1])
 
     return release
 
