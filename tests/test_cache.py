@@ -279,3 +279,11 @@ def test_chunked_prefill_compresses_between_chunks(monkeypatch):
     expected, _ = generate(model, ids, DynamicCache(config=model.config), prefill_chunk_size=16)
     tokens, _ = generate(model, ids, NexusQuantCache(FULL, model=model), prefill_chunk_size=16)
     assert torch.equal(tokens, expected)
+
+
+def test_presets_are_valid_configs_and_can_be_overridden():
+    assert NexusQuantConfig.preset("lossless").key_bits == 4
+    assert NexusQuantConfig.preset("max").keep_ratio == 0.5
+    assert NexusQuantConfig.preset("balanced", seed=3).seed == 3
+    with pytest.raises(ValueError, match="`preset` must be one of \\['lossless', 'balanced', 'max'\\]"):
+        NexusQuantConfig.preset("tiny")

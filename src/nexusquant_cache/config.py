@@ -7,11 +7,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from .codec import SUPPORTED_BITS, Method
 
-__all__ = ["NexusQuantConfig", "SCORERS"]
+__all__ = ["NexusQuantConfig", "PRESETS", "SCORERS"]
 
 CACHE_BITS = (*SUPPORTED_BITS, 16)  # 16: keep that side at full precision
 # Token importance for eviction; see scoring.py.
 SCORERS = ("snapkv", "h2o", "keynorm", "streaming")
+# Chosen from docs/cache-results.md (SmolLM2-135M, 4k tokens of Austen): ratio, perplexity change.
+PRESETS = {
+    "lossless": dict(key_bits=4, value_bits=4),  # 3.6x, +0.3%
+    "balanced": dict(key_bits=3, value_bits=3),  # 4.6x, +0.7%
+    "max": dict(key_bits=3, value_bits=2, keep_ratio=0.5, recent_window=32, block_size=32),  # 8.6x, +4.2%
+}
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,14 @@ class NexusQuantConfig:
         """The settings of layer ``index`` of ``layers``, overrides applied."""
         chosen = self.layer_overrides.get(index, self.layer_overrides.get(index - layers, {}))
         return replace(self, layer_overrides={}, **chosen) if chosen else self
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "NexusQuantConfig":
+        """A measured operating point: ``"lossless"`` (K4V4, near-lossless), ``"balanced"``
+        (K3V3) or ``"max"`` (K3V2 keeping half the tokens); fields can be overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"`preset` must be one of {list(PRESETS)} but got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
