@@ -160,10 +160,15 @@ def test_reset_empties_the_cache(model):
 def test_half_precision_models(dtype):
     torch.manual_seed(0)
     model = tiny_llama().to(dtype).eval()
+    expected, expected_scores = generate(model, prompt(), DynamicCache(config=model.config))
+    exact, _ = generate(model, prompt(), NexusQuantCache(FULL, model=model))
+    assert torch.equal(exact, expected)
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
     tokens, scores = generate(model, prompt(), cache)
-    assert torch.isfinite(scores).all() and tokens.shape == (2, 52)
     assert cache.layers[0].key_stream.recent.dtype == dtype
+    assert cache.layers[0].key_stream.old.dtype == dtype  # decodes back to the model's dtype
+    torch.testing.assert_close(scores[0], expected_scores[0])  # the prefill is never quantized
+    assert torch.isfinite(scores).all()
 
 
 def test_without_a_model_layers_are_created_on_use():
