@@ -1,4 +1,5 @@
-"""Quality against real compression of NexusQuantCache on SmolLM2-135M, Jane Austen windows.
+"""Quality against real compression of NexusQuantCache on a real model (SmolLM2-135M or
+Gemma-3-270m), Jane Austen windows.
 
 Protocol (as in shared/design/baselines.md): each window is a document-start token plus text;
 prefill all but the last ``--score`` tokens, then score those teacher-forced in chunks of 64 at
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 
 from _austen import TEXT_DIR, austen_windows
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
-from nexusquant_cache.models import load_smollm2
+from nexusquant_cache.models import load_gemma3_270m, load_smollm2
 
 CHUNK = 64
 CONFIGS = {
@@ -69,14 +70,15 @@ def main() -> None:
     parser.add_argument("--score", type=int, default=512)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m}[args.model]()
     windows = [torch.tensor([w]) for w in austen_windows(tokenizer, TEXT_DIR, args.windows, args.context, args.seed)]
     totals = {name: dict(nll=0.0, kl=0.0, ratio=0.0, prefill=0.0, scoring=0.0) for name in ["DynamicCache", *args.configs]}
     for ids in windows:
         targets = ids[0, -args.score:]
-        reference, ref_prefill, ref_scoring = run(model, ids, DynamicCache(), args.score)
+        reference, ref_prefill, ref_scoring = run(model, ids, DynamicCache(config=model.config), args.score)
         totals["DynamicCache"]["nll"] -= reference.gather(-1, targets[:, None]).sum().item()
         totals["DynamicCache"]["prefill"] += ref_prefill
         totals["DynamicCache"]["scoring"] += ref_scoring
@@ -91,11 +93,11 @@ def main() -> None:
             total["scoring"] += scoring
     count = len(windows) * args.score
     base = totals["DynamicCache"]
-    print(f"| method | ratio vs 16-bit | perplexity | change | KL (nats) | prefill time | scoring time |")
+    print("| method | ratio vs 16-bit | perplexity | change | KL (nats) | prefill time | scoring time |")
     print("|---|---|---|---|---|---|---|")
     for name, total in totals.items():
         record = dict(
-            method=name, windows=len(windows), context=args.context, scored=args.score,
+            model=args.model, method=name, windows=len(windows), context=args.context, scored=args.score,
             ratio=total["ratio"] or 1.0, ppl=math.exp(total["nll"] / count),
             ppl_change=math.exp((total["nll"] - base["nll"]) / count) - 1, kl=total["kl"] / count,
             prefill_vs_dynamic=total["prefill"] / base["prefill"], scoring_vs_dynamic=total["scoring"] / base["scoring"],
