@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from _austen import TEXT_DIR, austen_windows
 from torch import Tensor
 
 from nexusquant_cache.codec import decode, encode, rotate
-
-from _austen import TEXT_DIR, austen_windows
 
 METHODS = ("e8", "scalar")
 BITS = (2, 3, 4)
@@ -70,8 +69,17 @@ def gaussian_part(n: int, dims: tuple[int, ...], seed: int) -> list[dict]:
                 error, energy, total_bits = distortion(x, method, bits, seed)
                 mse = (error.sum() / energy.sum()).item()
                 records.append(
-                    dict(part="gaussian", dim=dim, vectors=n, method=method, bits=bits, total_bits=total_bits,
-                         rel_mse=mse, bound_total_bits=2 ** (-2 * total_bits), bound_code_bits=2 ** (-2 * bits))
+                    dict(
+                        part="gaussian",
+                        dim=dim,
+                        vectors=n,
+                        method=method,
+                        bits=bits,
+                        total_bits=total_bits,
+                        rel_mse=mse,
+                        bound_total_bits=2 ** (-2 * total_bits),
+                        bound_code_bits=2 ** (-2 * bits),
+                    )
                 )
     return records
 
@@ -105,8 +113,15 @@ def layer_records(kind: str, sample: Tensor, seed: int) -> list[dict]:
             error, energy, total_bits = distortion(sample.flatten(0, 1), method, bits, seed)
             per_layer = error.view(len(sample), -1).sum(1) / energy.view(len(sample), -1).sum(1)
             records[method, bits] = dict(
-                part="smollm2", kind=kind, method=method, bits=bits, vectors=error.numel(), layers=len(sample),
-                dim=sample.shape[-1], total_bits=total_bits, rel_mse=(error.sum() / energy.sum()).item(),
+                part="smollm2",
+                kind=kind,
+                method=method,
+                bits=bits,
+                vectors=error.numel(),
+                layers=len(sample),
+                dim=sample.shape[-1],
+                total_bits=total_bits,
+                rel_mse=(error.sum() / energy.sum()).item(),
                 per_layer_rel_mse=per_layer.tolist(),
             )
     for bits in BITS:
@@ -155,8 +170,18 @@ def throughput_part(n: int, dim: int, repeats: int, seed: int) -> list[dict]:
     for op, method, bits, fn in cases:
         seconds = best_time(fn, repeats)
         records.append(
-            dict(part="throughput", op=op, method=method, bits=bits, dim=dim, vectors=n, repeats=repeats,
-                 threads=torch.get_num_threads(), seconds=seconds, vectors_per_s=n / seconds)
+            dict(
+                part="throughput",
+                op=op,
+                method=method,
+                bits=bits,
+                dim=dim,
+                vectors=n,
+                repeats=repeats,
+                threads=torch.get_num_threads(),
+                seconds=seconds,
+                vectors_per_s=n / seconds,
+            )
         )
     return records
 
@@ -175,8 +200,18 @@ def gaussian_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         gap = 10 * math.log10(r["rel_mse"] / r["bound_total_bits"])
-        rows.append([r["dim"], r["method"], r["bits"], f"{r['total_bits']:.3f}", f"{r['rel_mse']:.4f}",
-                     f"{r['bound_total_bits']:.4f}", f"{r['bound_code_bits']:.4f}", f"{gap:.2f} dB"])
+        rows.append(
+            [
+                r["dim"],
+                r["method"],
+                r["bits"],
+                f"{r['total_bits']:.3f}",
+                f"{r['rel_mse']:.4f}",
+                f"{r['bound_total_bits']:.4f}",
+                f"{r['bound_code_bits']:.4f}",
+                f"{gap:.2f} dB",
+            ]
+        )
     return f"{records[0]['vectors']:,} i.i.d. N(0, 1) vectors per d.\n\n" + table(header, rows)
 
 
@@ -186,9 +221,17 @@ def real_table(records: list[dict]) -> str:
     scalar = {(r["kind"], r["bits"]): r for r in records if r["method"] == "scalar"}
     rows = []
     for r in (r for r in records if r["method"] == "e8"):
-        rows.append([r["kind"], r["bits"], f"{r['total_bits']:.3f}", f"{scalar[r['kind'], r['bits']]['rel_mse']:.4f}",
-                     f"{r['rel_mse']:.4f}", f"{r['ratio_vs_scalar']:.3f}",
-                     f"{r['worst_layer_ratio']:.3f} (layer {r['worst_layer']})"])
+        rows.append(
+            [
+                r["kind"],
+                r["bits"],
+                f"{r['total_bits']:.3f}",
+                f"{scalar[r['kind'], r['bits']]['rel_mse']:.4f}",
+                f"{r['rel_mse']:.4f}",
+                f"{r['ratio_vs_scalar']:.3f}",
+                f"{r['worst_layer_ratio']:.3f} (layer {r['worst_layer']})",
+            ]
+        )
     n, layers, dim = records[0]["vectors"], records[0]["layers"], records[0]["dim"]
     caption = f"{n:,} vectors of d = {dim} per kind, {n // layers:,} from each of {layers} layers"
     return f"{caption}; worst layer: the largest per-layer e8 / scalar ratio.\n\n" + table(header, rows)
@@ -196,8 +239,16 @@ def real_table(records: list[dict]) -> str:
 
 def throughput_table(records: list[dict]) -> str:
     header = ["operation", "method", "bits", "vectors/s", "input MB/s (fp32)"]
-    rows = [[r["op"], r["method"] or "-", r["bits"] or "-", f"{r['vectors_per_s']:,.0f}",
-             f"{r['vectors_per_s'] * r['dim'] * 4 / 1e6:,.0f}"] for r in records]
+    rows = [
+        [
+            r["op"],
+            r["method"] or "-",
+            r["bits"] or "-",
+            f"{r['vectors_per_s']:,.0f}",
+            f"{r['vectors_per_s'] * r['dim'] * 4 / 1e6:,.0f}",
+        ]
+        for r in records
+    ]
     n, repeats = records[0]["vectors"], records[0]["repeats"]
     return f"{n:,} float32 vectors; best of {repeats} runs after a warm-up.\n\n" + table(header, rows)
 

@@ -11,7 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_codec_benchmark_quick_run():
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "codec.py"), "--quick", "--no-real"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     gaussian = {(r["dim"], r["method"], r["bits"]): r for r in records if r["part"] == "gaussian"}

@@ -25,8 +25,15 @@ SMALL_WINDOW = NexusQuantConfig(key_bits=3, value_bits=2, recent_window=8, block
 
 def generate(model, ids, cache, **kwargs):
     out = model.generate(
-        ids, attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=12, do_sample=False,
-        past_key_values=cache, output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
+        ids,
+        attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)),
+        max_new_tokens=12,
+        do_sample=False,
+        past_key_values=cache,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
     )
     return out.sequences, torch.stack(out.scores)
 
@@ -219,7 +226,9 @@ def test_sliding_layers_keep_transformers_window_semantics():
 
     torch.manual_seed(0)
     exact = NexusQuantLayer(FULL, sliding_window=12)
-    quantized = NexusQuantLayer(NexusQuantConfig(key_bits=2, value_bits=3, recent_window=4, block_size=2), sliding_window=12)
+    quantized = NexusQuantLayer(
+        NexusQuantConfig(key_bits=2, value_bits=3, recent_window=4, block_size=2), sliding_window=12
+    )
     reference = DynamicSlidingWindowLayer(sliding_window=12)
     tokens = torch.randn(2, 1, 40, 16)
     start = 0
@@ -242,8 +251,13 @@ def test_layer_overrides_keep_chosen_layers_exact():
 
     torch.manual_seed(0)
     model = tiny_llama().eval()
-    config = NexusQuantConfig(key_bits=2, value_bits=2, recent_window=4, block_size=4,
-                              layer_overrides={0: {"key_bits": 16}, -1: {"key_bits": 16, "value_bits": 16}})
+    config = NexusQuantConfig(
+        key_bits=2,
+        value_bits=2,
+        recent_window=4,
+        block_size=4,
+        layer_overrides={0: {"key_bits": 16}, -1: {"key_bits": 16, "value_bits": 16}},
+    )
     assert NexusQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     cache = NexusQuantCache(config, model=model)
     ids = prompt()
@@ -277,8 +291,15 @@ def test_chunked_prefill_compresses_between_chunks(monkeypatch):
         return out
 
     monkeypatch.setattr(NexusQuantLayer, "update", spy)
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
-                   past_key_values=cache, prefill_chunk_size=16, pad_token_id=0)
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=3,
+        do_sample=False,
+        past_key_values=cache,
+        prefill_chunk_size=16,
+        pad_token_id=0,
+    )
     assert max(largest) <= 16 + config.recent_window + config.block_size
     assert cache.stats()["tokens_stored"] < 120 * 0.5 + config.block_size + 3
     expected, _ = generate(model, ids, DynamicCache(config=model.config), prefill_chunk_size=16)
@@ -288,7 +309,7 @@ def test_chunked_prefill_compresses_between_chunks(monkeypatch):
 
 def test_presets_are_valid_configs_and_can_be_overridden():
     assert NexusQuantConfig.preset("lossless").key_bits == 4
-    assert NexusQuantConfig.preset("max").keep_ratio == 0.5
+    assert NexusQuantConfig.preset("max").keep_ratio == 0.25
     assert NexusQuantConfig.preset("balanced", seed=3).seed == 3
     with pytest.raises(ValueError, match="`preset` must be one of \\['lossless', 'balanced', 'max'\\]"):
         NexusQuantConfig.preset("tiny")

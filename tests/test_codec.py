@@ -25,7 +25,14 @@ METHODS = ["e8", "scalar"]
 BITS = [2, 3, 4]
 # Relative MSE ceilings on Gaussian vectors, d = 128: the targets for e8 (measured 0.089 /
 # 0.027 / 0.0079) and a margin over Lloyd-Max for scalar (measured 0.115 / 0.034 / 0.0092).
-CEILING = {("e8", 2): 0.095, ("e8", 3): 0.031, ("e8", 4): 0.0090, ("scalar", 2): 0.12, ("scalar", 3): 0.036, ("scalar", 4): 0.0097}
+CEILING = {
+    ("e8", 2): 0.095,
+    ("e8", 3): 0.031,
+    ("e8", 4): 0.0090,
+    ("scalar", 2): 0.12,
+    ("scalar", 3): 0.036,
+    ("scalar", 4): 0.0097,
+}
 
 
 def relative_mse(x, y):
@@ -99,7 +106,9 @@ def test_e8_two_bit_codes_are_nearest_codewords():
 
 
 def test_lloyd_max_levels_match_max_1960():
-    torch.testing.assert_close(lloyd_max_levels(2)[2:], torch.tensor([0.4528, 1.5104], dtype=torch.float64), atol=2e-4, rtol=0)
+    torch.testing.assert_close(
+        lloyd_max_levels(2)[2:], torch.tensor([0.4528, 1.5104], dtype=torch.float64), atol=2e-4, rtol=0
+    )
     torch.testing.assert_close(
         lloyd_max_levels(3)[4:], torch.tensor([0.2451, 0.7560, 1.3439, 2.1520], dtype=torch.float64), atol=2e-4, rtol=0
     )
@@ -142,7 +151,9 @@ dtypes = st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.fl
 def test_round_trip_property(batch, dim, dtype, bits, method, magnitude, seed):
     low, high = (1e-2, 1e3) if dtype == torch.float16 else (1e-30, 1e30)
     magnitude = min(max(magnitude, low), high)
-    x = (torch.randn(*batch, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * magnitude).to(dtype)
+    x = (torch.randn(*batch, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * magnitude).to(
+        dtype
+    )
     encoded = encode(x, bits, method, seed=seed % 100)
     y = decode(encoded)
     assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()

@@ -71,8 +71,9 @@ def test_eviction_equals_keeping_only_the_same_tokens(name, pads, scorer):
 def test_every_layer_and_head_keeps_the_budget_with_sinks_and_window():
     torch.manual_seed(0)
     model = tiny_llama().eval()
-    config = NexusQuantConfig(key_bits=3, value_bits=2, keep_ratio=0.25, recent_window=16, block_size=8,
-                              sink_tokens=4, scorer="snapkv")
+    config = NexusQuantConfig(
+        key_bits=3, value_bits=2, keep_ratio=0.25, recent_window=16, block_size=8, sink_tokens=4, scorer="snapkv"
+    )
     cache = NexusQuantCache(config, model=model)
     ids = prompt(length=200)
     model(ids, past_key_values=cache)
@@ -137,8 +138,14 @@ def test_nexusquant_evict_uses_the_cache_and_restores_the_model():
     ids = prompt()
     with nexusquant_evict(model, keep_ratio=0.5, recent_window=8, block_size=4) as same:
         assert same is model and model.config._attn_implementation == "nexusquant"
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                             return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=5,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     assert isinstance(out.past_key_values, NexusQuantCache) and out.past_key_values.config.keep_ratio == 0.5
     del out
     gc.collect()
@@ -151,8 +158,9 @@ def test_nexusquant_evict_uses_the_cache_and_restores_the_model():
 def test_streaming_keeps_sinks_and_the_most_recent_tokens():
     torch.manual_seed(0)
     model = tiny_llama().eval()
-    config = NexusQuantConfig(key_bits=16, value_bits=16, keep_ratio=0.25, recent_window=8, block_size=4,
-                              sink_tokens=4, scorer="streaming")
+    config = NexusQuantConfig(
+        key_bits=16, value_bits=16, keep_ratio=0.25, recent_window=8, block_size=4, sink_tokens=4, scorer="streaming"
+    )
     cache = NexusQuantCache(config, model=model)
     model(prompt(length=100), past_key_values=cache)
     layer = cache.layers[0]
@@ -167,14 +175,28 @@ def test_models_sdpa_cannot_serve_fall_back_to_key_norm():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16)
+    config = Gemma2Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=16,
+    )
     model = Gemma2ForCausalLM(config).eval()  # attention softcapping: SDPA cannot run it
     before = model.config._attn_implementation
     with pytest.warns(UserWarning, match="scoring with 'keynorm'"):
         cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5, recent_window=8, block_size=4), model=model)
     assert cache.scorer == "keynorm" and model.config._attn_implementation == before
     ids = prompt()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                         past_key_values=cache, pad_token_id=0)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=4,
+        do_sample=False,
+        past_key_values=cache,
+        pad_token_id=0,
+    )
     assert out.shape == (2, 44) and cache.stats()["tokens_stored"] < 44

@@ -16,8 +16,15 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", ca
 
 def generate(model, **kwargs):
     ids = prompt()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                         return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
     return out.sequences, out.past_key_values
 
 

@@ -96,8 +96,9 @@ def test_attention_scoring_beats_query_free_eviction(smollm2, emma_ids, referenc
     model, _ = smollm2
     kls = {}
     for scorer in ("snapkv", "keynorm"):
-        config = NexusQuantConfig(key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=32, block_size=32,
-                                  scorer=scorer)
+        config = NexusQuantConfig(
+            key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=32, block_size=32, scorer=scorer
+        )
         cache = NexusQuantCache(config, model=model)
         kls[scorer], _ = kl_and_nll_change(reference, score(model, emma_ids, cache), emma_ids)
         assert cache.stats()["tokens_stored"] <= config.budget(emma_ids.shape[1] - 1) + config.block_size

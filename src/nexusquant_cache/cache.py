@@ -63,8 +63,11 @@ class NexusQuantCache(Cache):
         if wants_queries and model is not None:
             release = capture_queries(model)
             if release is None:
-                warnings.warn(f"{type(model).__name__} cannot route its attention through NexusQuantCache's query "
-                              f"capture; scoring with 'keynorm' instead of {scorer!r}", stacklevel=2)
+                warnings.warn(
+                    f"{type(model).__name__} cannot route its attention through NexusQuantCache's query "
+                    f"capture; scoring with 'keynorm' instead of {scorer!r}",
+                    stacklevel=2,
+                )
                 scorer = "keynorm"
                 for layer in self.layers:
                     layer.scorer = scorer

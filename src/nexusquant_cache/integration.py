@@ -90,7 +90,9 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
 
 
 @contextmanager
-def nexusquant_evict(model: PreTrainedModel, config: NexusQuantConfig | None = None, **fields) -> Iterator[PreTrainedModel]:
+def nexusquant_evict(
+    model: PreTrainedModel, config: NexusQuantConfig | None = None, **fields
+) -> Iterator[PreTrainedModel]:
     """Inside the block, ``model.generate`` uses a fresh NexusQuantCache per call.
 
     Pass a ``NexusQuantConfig`` or its fields (``nexusquant_evict(model, key_bits=3,

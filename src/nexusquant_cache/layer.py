@@ -274,8 +274,10 @@ class NexusQuantLayer(CacheLayerMixin):
             if excess >= config.block_size or (excess > 0 and leaving):
                 ranking = self.positions if self.scores is None else self.scores
                 keep = select_kept(
-                    ranking[..., :candidates], self.positions[..., :candidates],
-                    max(candidates - excess, 0), config.sink_tokens,
+                    ranking[..., :candidates],
+                    self.positions[..., :candidates],
+                    max(candidates - excess, 0),
+                    config.sink_tokens,
                 )
                 self.positions = _keep(self.positions, keep, candidates)
                 self.scores = _keep(self.scores, keep, candidates)

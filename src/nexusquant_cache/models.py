@@ -25,8 +25,7 @@ from typing import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: E402
-from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402  # noqa: E402
 
 __all__ = ["CACHE_DIR", "load_gemma3_270m", "load_smollm2"]
 

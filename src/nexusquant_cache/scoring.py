@@ -15,7 +15,9 @@ __all__ = ["attention_scores", "key_norm_scores"]
 _QUERY_CHUNK = 256  # bounds the [B, H, chunk, S] attention matrix held at once
 
 
-def attention_scores(query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float, window: int, pool: int) -> Tensor:
+def attention_scores(
+    query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float, window: int, pool: int
+) -> Tensor:
     """Attention mass each key receives from the last ``window`` queries.
 
     Args:

@@ -104,7 +104,9 @@ class OrbitCodebook:
     def to(self, device: torch.device) -> "OrbitCodebook":
         if self.points.device == device:
             return self
-        return OrbitCodebook(*(t.to(device) for t in (self.patterns, self.half, self.points, self.keys)), self.index_bits)
+        return OrbitCodebook(
+            *(t.to(device) for t in (self.patterns, self.half, self.points, self.keys)), self.index_bits
+        )
 
     def nearest(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Exact nearest codeword to every row of ``y`` [m, 8] float32.
