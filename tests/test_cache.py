@@ -313,3 +313,24 @@ def test_presets_are_valid_configs_and_can_be_overridden():
     assert NexusQuantConfig.preset("balanced", seed=3).seed == 3
     with pytest.raises(ValueError, match="`preset` must be one of \\['lossless', 'balanced', 'max'\\]"):
         NexusQuantConfig.preset("tiny")
+
+
+def test_centred_keys_remove_a_shared_channel_offset():
+    torch.manual_seed(0)
+    offset = torch.zeros(64)
+    offset[:4] = 40.0  # a few huge channels, as in Gemma 3's global layers
+    keys = torch.randn(1, 2, 100, 64) + offset
+    errors = {}
+    for center in (False, True):
+        layer = NexusQuantLayer(NexusQuantConfig(key_bits=3, value_bits=16, recent_window=0, block_size=1,
+                                                 center_keys=center))
+        layer.update(keys, keys)
+        stored = stored_keys(layer)
+        errors[center] = ((stored - keys) ** 2).sum() / ((keys - keys.mean(-2, keepdim=True)) ** 2).sum()
+    stream = layer.key_stream
+    torch.testing.assert_close(stream.offset, keys.mean(-2, keepdim=True))
+    torch.testing.assert_close(stored_keys(layer), decode(stream.old) + stream.offset)
+    assert layer.nbytes()["metadata"] == 2 * 64 * 4  # one float32 offset per head
+    assert errors[True] < 0.05 < 0.5 < errors[False]  # error relative to the tokens' own spread
+    with pytest.raises(ValueError, match="`center_keys` must be True or False"):
+        NexusQuantConfig(center_keys="yes")

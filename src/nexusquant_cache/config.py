@@ -47,6 +47,8 @@ class NexusQuantConfig:
             ``"streaming"`` (sinks and the most recent tokens). The attention scorers need the
             model's queries (pass ``model=``); without a model the cache uses ``"keynorm"``.
         observation_window: queries per forward that ``"snapkv"`` scores with.
+        center_keys: subtract each head's mean key (taken from the first tokens encoded) before
+            quantizing keys; helps models whose keys carry large channel offsets (Gemma 3).
         layer_overrides: per-layer ``key_bits`` / ``value_bits``, e.g. ``{0: {"key_bits": 16},
             -1: {"key_bits": 16}}`` keeps the first and last layers' keys exact. Layer indices
             may be negative (from the end); they need the model's layer count (``model=``).
@@ -64,6 +66,7 @@ class NexusQuantConfig:
     sink_tokens: int = 4
     scorer: str = "snapkv"
     observation_window: int = 64
+    center_keys: bool = False
     layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -86,6 +89,8 @@ class NexusQuantConfig:
             _check_int("token_budget", self.token_budget, minimum=self._budget_floor)
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
+        if not isinstance(self.center_keys, bool):
+            raise ValueError(f"`center_keys` must be True or False but got {self.center_keys!r}")
         if not isinstance(self.layer_overrides, dict):
             raise ValueError(
                 f"`layer_overrides` must be a dict of layer index -> fields but got {self.layer_overrides!r}"

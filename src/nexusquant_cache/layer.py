@@ -39,13 +39,19 @@ SNAPKV_POOL = 7
 
 class KVStream:
     """Keys or values of one layer: ``old`` tokens (an Encoded with codes [B, H, T_old, d*bits/8]
-    and scales [B, H, T_old], or a [B, H, T_old, d] tensor at 16 bits) then ``recent`` [B, H, T_recent, d]."""
+    and scales [B, H, T_old], or a [B, H, T_old, d] tensor at 16 bits) then ``recent`` [B, H, T_recent, d].
 
-    def __init__(self, bits: int, config: NexusQuantConfig):
+    With ``center``, codes hold ``state - offset``, where ``offset`` [B, H, 1, d] is the mean of
+    the first tokens encoded, per head: a large shared mean (keys' channel offsets) would
+    otherwise eat the codebook's range."""
+
+    def __init__(self, bits: int, config: NexusQuantConfig, center: bool = False):
         self.bits = bits
         self.config = config
+        self.center = center and bits < 16
         self.old: Encoded | Tensor | None = None
         self.recent: Tensor | None = None
+        self.offset: Tensor | None = None
 
     @property
     def old_length(self) -> int:
@@ -60,7 +66,10 @@ class KVStream:
         self.recent = states if self.recent is None else torch.cat([self.recent, states], dim=-2)
         if self.old is None:
             return self.recent
-        old = decode(self.old) if isinstance(self.old, Encoded) else self.old
+        if isinstance(self.old, Encoded):
+            old = decode(self.old) if self.offset is None else decode(self.old) + self.offset
+        else:
+            old = self.old
         return torch.cat([old, self.recent], dim=-2)
 
     def retire(self, leaving: int, keep: Tensor | None) -> None:
@@ -93,6 +102,10 @@ class KVStream:
     def _store(self, states: Tensor) -> Encoded | Tensor:
         if self.bits == 16 or states.shape[-2] == 0:
             return states
+        if self.center:
+            if self.offset is None:
+                self.offset = states.float().mean(-2, keepdim=True).to(states.dtype)
+            states = states - self.offset
         return encode(states, self.bits, self.config.method, self.config.seed)
 
     def map_batch(self, fn) -> None:
@@ -103,9 +116,11 @@ class KVStream:
             self.old = dataclasses.replace(self.old, codes=fn(self.old.codes), scales=fn(self.old.scales))
         elif self.old is not None:
             self.old = fn(self.old)
+        if self.offset is not None:
+            self.offset = fn(self.offset)
 
     def nbytes(self) -> dict[str, int]:
-        parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent)}
+        parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent), "metadata": _bytes(self.offset)}
         if isinstance(self.old, Encoded):
             parts["codes"], parts["scales"] = _bytes(self.old.codes), _bytes(self.old.scales)
         else:
@@ -202,7 +217,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.reset()
 
     def reset(self) -> None:
-        self.key_stream = KVStream(self.config.key_bits, self.config)
+        self.key_stream = KVStream(self.config.key_bits, self.config, center=self.config.center_keys)
         self.value_stream = KVStream(self.config.value_bits, self.config)
         self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
         # float16 [B, H, T_stored], only when evicting by score (streaming ranks by position)
@@ -330,5 +345,5 @@ class NexusQuantLayer(CacheLayerMixin):
         self.settle()
         keys, values = self.key_stream.nbytes(), self.value_stream.nbytes()
         parts = {part: keys[part] + values[part] for part in keys}
-        parts["metadata"] = _bytes(self.positions) + _bytes(self.scores)
+        parts["metadata"] += _bytes(self.positions) + _bytes(self.scores)
         return parts
