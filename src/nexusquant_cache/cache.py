@@ -79,9 +79,10 @@ class NexusQuantCache(Cache):
         """Tokens seen and stored, bytes held by part, and the ratio against a 16-bit cache.
 
         ``bytes`` counts every tensor the cache holds: codes, scales, the full-precision windows
-        (and old tokens of a side kept at 16 bits), token positions and scores (``metadata``,
-        only when evicting). ``tokens_stored`` is per full-attention layer. ``baseline_bytes`` is what a 16-bit
-        DynamicCache built for the same model holds for the same tokens.
+        (and old tokens of a side kept at 16 bits), and ``metadata``: token positions and scores
+        when evicting, key offsets when centring. ``tokens_stored`` is per full-attention layer.
+        ``baseline_bytes`` is what a 16-bit DynamicCache built for the same model holds for the
+        same tokens.
         """
         parts = {"codes": 0, "scales": 0, "window": 0, "metadata": 0}
         baseline = 0

@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import NexusQuantConfig
-from .layer import PENDING_LAYER
+from .layer import ATTENTION_SCORERS, PENDING_LAYER
 
 __all__ = ["ATTENTION_NAME", "CACHE_IMPLEMENTATION", "capture_queries", "nexusquant_evict"]
 
@@ -113,7 +113,7 @@ def nexusquant_evict(
             kwargs["past_key_values"] = NexusQuantCache(config, model=model)
         return (own_generate or unbound.__get__(model))(*args, **kwargs)
 
-    release = capture_queries(model)
+    release = capture_queries(model) if config.evicts and config.scorer in ATTENTION_SCORERS else None
     model.generate = generate
     try:
         yield model
