@@ -1,0 +1,53 @@
+"""Gemma-3-270m (15 sliding-window layers, 3 global ones) on Jane Austen through the compressed cache."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig
+
+pytestmark = pytest.mark.real_model
+warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+PREFIX, CONTINUATION = 768, 128
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from nexusquant_cache.models import load_gemma3_270m
+
+    model, tokenizer = load_gemma3_270m()
+    text = (AUSTEN / "persuasion.txt").read_text()[30_000:60_000]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : PREFIX + CONTINUATION - 1]
+    return model, torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+
+
+def score(model, ids, cache):
+    with torch.no_grad():
+        prefill = model(ids[:, :PREFIX], past_key_values=cache).logits[:, -1:]
+        positions = torch.arange(PREFIX, ids.shape[1] - 1)[None]
+        rest = model(ids[:, PREFIX:-1], past_key_values=cache, position_ids=positions).logits
+    return torch.cat([prefill, rest], dim=1).float().log_softmax(-1)
+
+
+def test_hybrid_model_through_the_compressed_cache(gemma):
+    model, ids = gemma
+    reference = score(model, ids, DynamicCache(config=model.config))
+    kls = {}
+    for center in (False, True):
+        config = NexusQuantConfig(key_bits=4, value_bits=4, recent_window=32, block_size=32, center_keys=center)
+        cache = NexusQuantCache(config, model=model)
+        logprobs = score(model, ids, cache)
+        kls[center] = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+        torch.testing.assert_close(logprobs[:, 0], reference[:, 0], atol=1e-4, rtol=0)  # prefill untouched
+        stats = cache.stats()  # settles every layer
+        assert stats["tokens_stored"] == ids.shape[1] - 1 and stats["ratio"] > 2.5  # measured 2.85
+        sliding = [layer for layer in cache.layers if layer.is_sliding]
+        assert len(sliding) == 15 and all(layer.key_stream.length == 511 for layer in sliding)
+        assert all(layer.key_stream.old.bits == 4 for layer in cache.layers)  # sliding layers quantized too
+    # measured: 0.025 plain, 0.008 centred (Gemma's keys carry large channel offsets)
+    assert kls[True] < 0.02 and kls[True] < 0.6 * kls[False]
