@@ -61,13 +61,13 @@ def run(model, ids: torch.Tensor, cache, score: int) -> tuple[torch.Tensor, floa
     """Log-probabilities [score, vocab] of the scored tokens, prefill seconds, scoring seconds."""
     prefill = ids.shape[1] - score
     start = time.perf_counter()
-    logits = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1:]]
+    logits = [model(ids[:, :prefill], cache=cache).logits[:, -1:]]
     prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for begin in range(prefill, ids.shape[1] - 1, CHUNK):
         end = min(begin + CHUNK, ids.shape[1] - 1)
         positions = torch.arange(begin, end)[None]
-        logits.append(model(ids[:, begin:end], past_key_values=cache, position_ids=positions).logits)
+        logits.append(model(ids[:, begin:end], cache=cache, position_ids=positions).logits)
     return torch.cat(logits, 1)[0].log_softmax(-1), prefill_seconds, time.perf_counter() - start
 
 

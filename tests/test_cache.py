@@ -1,7 +1,5 @@
 """NexusQuantCache inside transformers: exact at 16 bits, faithful to its codes when quantized."""
 
-import warnings
-
 import pytest
 import torch
 from transformers import DeepseekV3Config, DynamicCache
@@ -9,8 +7,6 @@ from transformers import DeepseekV3Config, DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode
 from nexusquant_cache.layer import NexusQuantLayer
 from tests.tiny_models import MODELS, prompt, tiny_llama
-
-warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
 
 
 @pytest.fixture(params=list(MODELS))
@@ -29,7 +25,7 @@ def generate(model, ids, cache, **kwargs):
         attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)),
         max_new_tokens=12,
         do_sample=False,
-        past_key_values=cache,
+        cache=cache,
         output_scores=True,
         return_dict_in_generate=True,
         pad_token_id=0,
@@ -72,7 +68,7 @@ def test_prefill_logits_are_not_changed_by_compression(model):
     ids = prompt()
     reference = model(ids).logits
     cache = NexusQuantCache(NexusQuantConfig(key_bits=2, value_bits=2, recent_window=0, block_size=1), model=model)
-    torch.testing.assert_close(model(ids, past_key_values=cache).logits, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids, cache=cache).logits, reference, atol=1e-5, rtol=0)
     assert cache.stats()["bytes"]["codes"] > 0  # the prefill tokens were encoded after the forward
 
 
@@ -80,7 +76,7 @@ def test_quantized_cache_serves_exactly_its_decoded_codes(model):
     """The continuation through the compressed cache equals a DynamicCache holding the decoded states."""
     ids = prompt()
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     reference = DynamicCache(config=model.config)
     for index, layer in enumerate(cache.layers):
         layer.settle()
@@ -90,8 +86,8 @@ def test_quantized_cache_serves_exactly_its_decoded_codes(model):
             reference.layers[index].cumulative_length = layer.seen
     step = prompt(length=6, seed=3)
     position_ids = torch.arange(40, 46).expand(2, -1)
-    expected = model(step, past_key_values=reference, position_ids=position_ids).logits
-    actual = model(step, past_key_values=cache, position_ids=position_ids).logits
+    expected = model(step, cache=reference, position_ids=position_ids).logits
+    actual = model(step, cache=cache, position_ids=position_ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
@@ -123,7 +119,7 @@ def test_tokens_are_encoded_once_in_blocks():
 
 def test_stats_count_every_tensor_held(model):
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
-    model(prompt(), past_key_values=cache)
+    model(prompt(), cache=cache)
     stats = cache.stats()
     held = 0
     for layer in cache.layers:
@@ -156,11 +152,11 @@ def test_batch_operations_cover_codes_scales_and_window():
 
 def test_reset_empties_the_cache(model):
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
-    model(prompt(), past_key_values=cache)
+    model(prompt(), cache=cache)
     cache.reset()
     assert cache.get_seq_length() == 0
     expected = model(prompt(seed=5)).logits
-    torch.testing.assert_close(model(prompt(seed=5), past_key_values=cache).logits, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(prompt(seed=5), cache=cache).logits, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -261,9 +257,9 @@ def test_layer_overrides_keep_chosen_layers_exact():
     assert NexusQuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     cache = NexusQuantCache(config, model=model)
     ids = prompt()
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     reference = DynamicCache()
-    model(ids, past_key_values=reference)
+    model(ids, cache=reference)
     first, middle, last = cache.layers
     for layer in cache.layers:
         layer.settle()
@@ -296,7 +292,7 @@ def test_chunked_prefill_compresses_between_chunks(monkeypatch):
         attention_mask=torch.ones_like(ids),
         max_new_tokens=3,
         do_sample=False,
-        past_key_values=cache,
+        cache=cache,
         prefill_chunk_size=16,
         pad_token_id=0,
     )
@@ -322,8 +318,9 @@ def test_centred_keys_remove_a_shared_channel_offset():
     keys = torch.randn(1, 2, 100, 64) + offset
     errors = {}
     for center in (False, True):
-        layer = NexusQuantLayer(NexusQuantConfig(key_bits=3, value_bits=16, recent_window=0, block_size=1,
-                                                 center_keys=center))
+        layer = NexusQuantLayer(
+            NexusQuantConfig(key_bits=3, value_bits=16, recent_window=0, block_size=1, center_keys=center)
+        )
         layer.update(keys, keys)
         stored = stored_keys(layer)
         errors[center] = ((stored - keys) ** 2).sum() / ((keys - keys.mean(-2, keepdim=True)) ** 2).sum()

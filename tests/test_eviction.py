@@ -1,7 +1,6 @@
 """Eviction: exact against a reference that keeps only the same tokens, and the contract around it."""
 
 import gc
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from nexusquant_cache import NexusQuantCache, NexusQuantConfig, nexusquant_evict
 from nexusquant_cache.policy import PAD
 from tests.tiny_models import MODELS, prompt, tiny_llama
 
-warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
 
 PREFIX, STEP = 40, 6
 EVICT = dict(key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=8, block_size=4, sink_tokens=2)
@@ -29,7 +27,7 @@ def kept_reference(model, ids, mask, positions, cache):
     """A DynamicCache holding, per layer and head, exactly the tokens the evicting cache kept,
     taken from a full-precision prefill, and the 2D mask that goes with them."""
     full = DynamicCache(config=model.config)
-    model(ids, attention_mask=mask, position_ids=positions, past_key_values=full)
+    model(ids, attention_mask=mask, position_ids=positions, cache=full)
     reference = DynamicCache(config=model.config)
     pads = (mask == 0).sum(-1)  # [B]
     kept_mask = None
@@ -53,7 +51,7 @@ def test_eviction_equals_keeping_only_the_same_tokens(name, pads, scorer):
     model = MODELS[name]().eval()
     ids, mask, positions = padded_prompt(pads)
     cache = NexusQuantCache(NexusQuantConfig(**EVICT, scorer=scorer), model=model)
-    model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    model(ids, attention_mask=mask, position_ids=positions, cache=cache)
     reference, kept_mask = kept_reference(model, ids, mask, positions, cache)
     stats = cache.stats()
     assert stats["tokens_seen"] == PREFIX and stats["tokens_stored"] == kept_mask.shape[-1] == 20
@@ -63,8 +61,8 @@ def test_eviction_equals_keeping_only_the_same_tokens(name, pads, scorer):
     # Without padding, no 2D mask: the sliding layers of a hybrid model index it by their own
     # offsets, which a shorter reference mask would not match.
     ours, theirs = (torch.cat([m, ones], -1) if pads else None for m in (mask, kept_mask))
-    actual = model(step, attention_mask=ours, position_ids=step_positions, past_key_values=cache)
-    expected = model(step, attention_mask=theirs, position_ids=step_positions, past_key_values=reference)
+    actual = model(step, attention_mask=ours, position_ids=step_positions, cache=cache)
+    expected = model(step, attention_mask=theirs, position_ids=step_positions, cache=reference)
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=0)
 
 
@@ -76,9 +74,9 @@ def test_every_layer_and_head_keeps_the_budget_with_sinks_and_window():
     )
     cache = NexusQuantCache(config, model=model)
     ids = prompt(length=200)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     for _ in range(30):  # decoding: evictions come in blocks as the budget grows
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], cache=cache)
     seen = 230
     stored = {layer.key_stream.length for layer in cache.layers}
     assert len(stored) == 1  # the mask is built once for all layers
@@ -102,7 +100,7 @@ def test_snapkv_scores_come_from_the_real_queries():
     ids = prompt(length=30)
     config = NexusQuantConfig(**{**EVICT, "keep_ratio": 0.9}, scorer="h2o")
     cache = NexusQuantCache(config, model=model)
-    model(ids, past_key_values=cache)
+    model(ids, cache=cache)
     eager = tiny_llama()
     eager.load_state_dict(model.state_dict())
     eager.set_attn_implementation("eager")
@@ -146,7 +144,7 @@ def test_nexusquant_evict_uses_the_cache_and_restores_the_model():
             return_dict_in_generate=True,
             pad_token_id=0,
         )
-    assert isinstance(out.past_key_values, NexusQuantCache) and out.past_key_values.config.keep_ratio == 0.5
+    assert isinstance(out.cache, NexusQuantCache) and out.cache.config.keep_ratio == 0.5
     del out
     gc.collect()
     assert (dict(vars(model)), model.config._attn_implementation) == state
@@ -162,7 +160,7 @@ def test_streaming_keeps_sinks_and_the_most_recent_tokens():
         key_bits=16, value_bits=16, keep_ratio=0.25, recent_window=8, block_size=4, sink_tokens=4, scorer="streaming"
     )
     cache = NexusQuantCache(config, model=model)
-    model(prompt(length=100), past_key_values=cache)
+    model(prompt(length=100), cache=cache)
     layer = cache.layers[0]
     layer.settle()
     kept = layer.key_stream.length
@@ -196,7 +194,7 @@ def test_models_sdpa_cannot_serve_fall_back_to_key_norm():
         attention_mask=torch.ones_like(ids),
         max_new_tokens=4,
         do_sample=False,
-        past_key_values=cache,
+        cache=cache,
         pad_token_id=0,
     )
     assert out.shape == (2, 44) and cache.stats()["tokens_stored"] < 44

@@ -1,7 +1,5 @@
 """cache_implementation="nexusquant": the registration transformers needs, on the installed release."""
 
-import warnings
-
 import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
@@ -10,8 +8,6 @@ import nexusquant_cache
 from nexusquant_cache import NexusQuantCache
 from nexusquant_cache.integration import _register_cache_implementation
 from tests.tiny_models import prompt, tiny_llama
-
-warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
 
 
 def generate(model, **kwargs):
@@ -25,7 +21,7 @@ def generate(model, **kwargs):
         pad_token_id=0,
         **kwargs,
     )
-    return out.sequences, out.past_key_values
+    return out.sequences, out.cache
 
 
 @pytest.fixture
@@ -55,7 +51,7 @@ def test_other_cache_implementations_are_untouched(model):
     _, cache = generate(model)
     assert type(cache) is DynamicCache
     with pytest.raises(ValueError, match="Passing both `cache_implementation`"):
-        generate(model, cache_implementation="nexusquant", past_key_values=DynamicCache())
+        generate(model, cache_implementation="nexusquant", cache=DynamicCache())
 
 
 def test_bad_cache_config_names_the_field(model):

@@ -1,6 +1,5 @@
 """Gemma-3-270m (15 sliding-window layers, 3 global ones) on Jane Austen through the compressed cache."""
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 
 pytestmark = pytest.mark.real_model
-warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 PREFIX, CONTINUATION = 768, 128
@@ -28,9 +26,9 @@ def gemma():
 
 def score(model, ids, cache):
     with torch.no_grad():
-        prefill = model(ids[:, :PREFIX], past_key_values=cache).logits[:, -1:]
+        prefill = model(ids[:, :PREFIX], cache=cache).logits[:, -1:]
         positions = torch.arange(PREFIX, ids.shape[1] - 1)[None]
-        rest = model(ids[:, PREFIX:-1], past_key_values=cache, position_ids=positions).logits
+        rest = model(ids[:, PREFIX:-1], cache=cache, position_ids=positions).logits
     return torch.cat([prefill, rest], dim=1).float().log_softmax(-1)
 
 

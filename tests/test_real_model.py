@@ -1,6 +1,5 @@
 """SmolLM2-135M on Jane Austen: the compressed cache keeps the model's predictions."""
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 
 pytestmark = pytest.mark.real_model
-warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 PREFIX, CONTINUATION = 1024, 128
@@ -34,9 +32,9 @@ def emma_ids(smollm2):
 def score(model, ids, cache):
     """Log-probabilities of the continuation, teacher-forced through the cache after the prefix."""
     with torch.no_grad():
-        prefill = model(ids[:, :PREFIX], past_key_values=cache).logits[:, -1:]
+        prefill = model(ids[:, :PREFIX], cache=cache).logits[:, -1:]
         positions = torch.arange(PREFIX, ids.shape[1] - 1)[None]
-        rest = model(ids[:, PREFIX:-1], past_key_values=cache, position_ids=positions).logits
+        rest = model(ids[:, PREFIX:-1], cache=cache, position_ids=positions).logits
     return torch.cat([prefill, rest], dim=1).log_softmax(-1)
 
 
@@ -82,7 +80,7 @@ def test_generation_continues_coherently(smollm2, emma_ids):
     kwargs = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(prompt))
     expected = model.generate(prompt, **kwargs)
     cache = NexusQuantCache(NexusQuantConfig(key_bits=4, value_bits=4), model=model)
-    tokens = model.generate(prompt, past_key_values=cache, **kwargs)
+    tokens = model.generate(prompt, cache=cache, **kwargs)
     new, expected_new = tokens[0, PREFIX:], expected[0, PREFIX:]
     # measured: the first 16 greedy tokens are identical, then the wording drifts
     # ("I have heard of it, and I am very glad to hear it.")

@@ -21,7 +21,8 @@ _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 class NexusQuantCache(Cache):
     """A KV cache that quantizes tokens once they leave a full-precision recent window.
 
-    Pass it to ``model.generate(..., past_key_values=cache)`` or call the model with it.
+    Pass it to ``model.generate(..., cache=cache)`` (or the older ``past_key_values=``) or call
+    the model with it.
 
     Args:
         config: what to compress and how (default: ``NexusQuantConfig()``).

@@ -110,7 +110,7 @@ def nexusquant_evict(
 
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            kwargs["past_key_values"] = NexusQuantCache(config, model=model)
+            kwargs["cache"] = NexusQuantCache(config, model=model)
         return (own_generate or unbound.__get__(model))(*args, **kwargs)
 
     release = capture_queries(model) if config.evicts and config.scorer in ATTENTION_SCORERS else None
