@@ -146,11 +146,13 @@ def decode(encoded: Encoded) -> Tensor:
     q = quantizer(encoded.method.value, encoded.bits)
     codes = encoded.codes.reshape(-1, encoded.codes.shape[-1])
     scales = encoded.scales.reshape(-1)
-    out = torch.empty(codes.shape[0], encoded.dim, dtype=encoded.dtype, device=codes.device)
-    limit = min(torch.finfo(encoded.dtype).max, torch.finfo(torch.float32).max)
+    parts = []
     for start in range(0, codes.shape[0], _CHUNK):
         words = unpack_words(codes[start : start + _CHUNK], encoded.bits)
         points = q.dequantize(words.reshape(-1)).view(words.shape[0], -1)
-        values = unrotate(points * scales[start : start + _CHUNK, None].float(), encoded.seed)
-        out[start : start + _CHUNK] = values.clamp_(-limit, limit)  # rounding may overshoot a float16 maximum
+        values = unrotate(points.mul_(scales[start : start + _CHUNK, None]), encoded.seed)
+        if encoded.dtype == torch.float16:  # rounding may overshoot float16's maximum
+            values.clamp_(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
+        parts.append(values.to(encoded.dtype))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.view(encoded.shape)

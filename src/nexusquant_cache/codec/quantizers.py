@@ -56,7 +56,7 @@ class E8Quantizer:
         else:
             proposals = first_book.nearest(y)[0][None]
         seconds = [second_book.nearest((y - first) / self.residual) for first in proposals]
-        points = proposals + self.residual * torch.stack([second for second, _ in seconds])
+        points = proposals.add(torch.stack([second for second, _ in seconds]), alpha=self.residual)
         choice = ((y - points) ** 2).sum(-1).argmin(0)  # [m]
         rows = torch.arange(len(y), device=y.device)
         second_words = torch.stack([words for _, words in seconds])[choice, rows]
@@ -66,10 +66,11 @@ class E8Quantizer:
     def dequantize(self, words: Tensor) -> Tensor:
         """words [m] int64 -> blocks [m, 8] float32."""
         first_book = self.stages[0].to(words.device)
-        first = first_book.points[words & ((1 << self._first_bits) - 1)]
         if len(self.stages) == 1:
-            return first
-        return first + self.residual * self.stages[1].to(words.device).points[words >> self._first_bits]
+            return first_book.points[words]  # a single stage's words are its indices
+        first = first_book.points[words & ((1 << self._first_bits) - 1)]
+        second = self.stages[1].to(words.device).points[words >> self._first_bits]
+        return first.add_(second, alpha=self.residual)
 
 
 @lru_cache(maxsize=None)
