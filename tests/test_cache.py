@@ -6,7 +6,7 @@ from transformers import DeepseekV3Config, DynamicCache
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode
 from nexusquant_cache.layer import NexusQuantLayer
-from tests.tiny_models import MODELS, prompt, tiny_llama
+from tests.tiny_models import MODELS, greedy, prompt, tiny_llama
 
 
 @pytest.fixture(params=list(MODELS))
@@ -20,17 +20,7 @@ SMALL_WINDOW = NexusQuantConfig(key_bits=3, value_bits=2, recent_window=8, block
 
 
 def generate(model, ids, cache, **kwargs):
-    out = model.generate(
-        ids,
-        attention_mask=kwargs.pop("attention_mask", torch.ones_like(ids)),
-        max_new_tokens=12,
-        do_sample=False,
-        cache=cache,
-        output_scores=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-        **kwargs,
-    )
+    out = greedy(model, ids, cache=cache, **kwargs)
     return out.sequences, torch.stack(out.scores)
 
 
@@ -287,15 +277,7 @@ def test_chunked_prefill_compresses_between_chunks(monkeypatch):
         return out
 
     monkeypatch.setattr(NexusQuantLayer, "update", spy)
-    model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=3,
-        do_sample=False,
-        cache=cache,
-        prefill_chunk_size=16,
-        pad_token_id=0,
-    )
+    greedy(model, ids, max_new_tokens=3, cache=cache, prefill_chunk_size=16)
     assert max(largest) <= 16 + config.recent_window + config.block_size
     assert cache.stats()["tokens_stored"] < 120 * 0.5 + config.block_size + 3
     expected, _ = generate(model, ids, DynamicCache(config=model.config), prefill_chunk_size=16)

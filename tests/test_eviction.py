@@ -8,8 +8,7 @@ from transformers import DynamicCache
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, nexusquant_evict
 from nexusquant_cache.policy import PAD
-from tests.tiny_models import MODELS, prompt, tiny_llama
-
+from tests.tiny_models import MODELS, greedy, prompt, tiny_llama
 
 PREFIX, STEP = 40, 6
 EVICT = dict(key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=8, block_size=4, sink_tokens=2)
@@ -136,14 +135,7 @@ def test_nexusquant_evict_uses_the_cache_and_restores_the_model():
     ids = prompt()
     with nexusquant_evict(model, keep_ratio=0.5, recent_window=8, block_size=4) as same:
         assert same is model and model.config._attn_implementation == "nexusquant"
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=5,
-            do_sample=False,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+        out = greedy(model, ids, max_new_tokens=5)  # through the patched model.generate
     assert isinstance(out.cache, NexusQuantCache) and out.cache.config.keep_ratio == 0.5
     del out
     gc.collect()
@@ -189,12 +181,5 @@ def test_models_sdpa_cannot_serve_fall_back_to_key_norm():
         cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5, recent_window=8, block_size=4), model=model)
     assert cache.scorer == "keynorm" and model.config._attn_implementation == before
     ids = prompt()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=4,
-        do_sample=False,
-        cache=cache,
-        pad_token_id=0,
-    )
-    assert out.shape == (2, 44) and cache.stats()["tokens_stored"] < 44
+    out = greedy(model, ids, max_new_tokens=4, cache=cache)
+    assert out.sequences.shape == (2, 44) and cache.stats()["tokens_stored"] < 44

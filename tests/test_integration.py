@@ -7,20 +7,11 @@ from transformers import DynamicCache, GenerationConfig, GenerationMixin
 import nexusquant_cache
 from nexusquant_cache import NexusQuantCache
 from nexusquant_cache.integration import _register_cache_implementation
-from tests.tiny_models import prompt, tiny_llama
+from tests.tiny_models import greedy, prompt, tiny_llama
 
 
 def generate(model, **kwargs):
-    ids = prompt()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=6,
-        do_sample=False,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-        **kwargs,
-    )
+    out = greedy(model, prompt(), max_new_tokens=6, **kwargs)
     return out.sequences, out.cache
 
 

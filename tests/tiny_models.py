@@ -49,3 +49,17 @@ MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
 
 def prompt(batch=2, length=40, seed=1):
     return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, max_new_tokens=12, **kwargs):
+    """Greedy generation with scores; kwargs go to generate (cache=, attention_mask=, ...)."""
+    kwargs.setdefault("attention_mask", torch.ones_like(ids))
+    return model.generate(
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
