@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 
 import torch
+from _austen import TEXT_DIR
 from transformers import DynamicCache
 
-from _austen import TEXT_DIR
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.models import load_smollm2
 

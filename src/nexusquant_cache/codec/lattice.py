@@ -70,7 +70,7 @@ def _orbit(pattern: tuple[float, ...]) -> Tensor:
     return points[torch.remainder(points.sum(-1), 2) == 0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per codebook
 class OrbitCodebook:
     """A codebook that is a union of E8 sign/permutation orbits.
 
@@ -102,11 +102,8 @@ class OrbitCodebook:
         )
 
     def to(self, device: torch.device) -> "OrbitCodebook":
-        if self.points.device == device:
-            return self
-        return OrbitCodebook(
-            *(t.to(device) for t in (self.patterns, self.half, self.points, self.keys)), self.index_bits
-        )
+        """This codebook on ``device`` (copied once per device, then reused)."""
+        return self if self.points.device == device else _on_device(self, device)
 
     def nearest(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Exact nearest codeword to every row of ``y`` [m, 8] float32.
@@ -161,6 +158,12 @@ class OrbitCodebook:
         """Brute-force nearest codeword (the test oracle): argmax of 2 y.c - |c|^2 over all c."""
         scores = 2 * y.double() @ self.points.double().T - (self.points.double() ** 2).sum(-1)
         return self.points[scores.argmax(-1)]
+
+
+@lru_cache(maxsize=8)
+def _on_device(book: OrbitCodebook, device: torch.device) -> OrbitCodebook:
+    tensors = (book.patterns, book.half, book.points, book.keys)
+    return OrbitCodebook(*(t.to(device) for t in tensors), book.index_bits)
 
 
 def _patterns(values: list[float], max_norm2: float) -> list[tuple[float, ...]]:
