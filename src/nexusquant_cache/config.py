@@ -44,8 +44,9 @@ class NexusQuantConfig:
             ``observation_window`` queries of every forward, pooled; older votes fade over about
             ``observation_window`` queries, so during decoding it is a windowed H2O), ``"h2o"``
             (accumulated attention of all queries), ``"keynorm"`` (smaller key norm ranks
-            higher; needs no queries), ``"streaming"`` (sinks and the most recent tokens). The attention scorers need the
-            model's queries (pass ``model=``); without a model the cache uses ``"keynorm"``.
+            higher; needs no queries), ``"streaming"`` (sinks and the most recent tokens). The
+            attention scorers need the model's queries (pass ``model=``); without a model the
+            cache uses ``"keynorm"``.
         observation_window: queries per forward that ``"snapkv"`` scores with.
         center_keys: subtract each head's mean key (taken from the first tokens encoded) before
             quantizing keys; helps models whose keys carry large channel offsets (Gemma 3).
