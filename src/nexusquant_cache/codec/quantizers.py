@@ -51,10 +51,11 @@ class E8Quantizer:
         if len(self.stages) == 1:
             return first_book.nearest(y)
         second_book = self.stages[1].to(y.device)
-        if self.bits == 3:
-            proposals = first_book.nearest_per_orbit(y)  # [k, m, 8]
-        else:
-            proposals = first_book.nearest(y)[0][None]
+        if self.bits == 4:  # greedy: the first stage's nearest point, then the residual's
+            first, first_words = first_book.nearest(y)
+            second, second_words = second_book.nearest((y - first) / self.residual)
+            return first.add(second, alpha=self.residual), first_words | (second_words << self._first_bits)
+        proposals = first_book.nearest_per_orbit(y)  # [k, m, 8]: joint search over the first stage's orbits
         seconds = [second_book.nearest((y - first) / self.residual) for first in proposals]
         points = proposals.add(torch.stack([second for second, _ in seconds]), alpha=self.residual)
         choice = ((y - points) ** 2).sum(-1).argmin(0)  # [m]
