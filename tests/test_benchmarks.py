@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,29 @@ def test_codec_benchmark_quick_run():
         assert record["total_bits"] == bits + 16 / dim
         assert record["rel_mse"] > record["bound_total_bits"]  # no code beats Shannon
     assert any(r["part"] == "throughput" for r in records)
+
+
+@pytest.mark.real_model
+def test_cache_quality_benchmark_small_run():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "cache_quality.py"),
+            "--windows",
+            "1",
+            "--context",
+            "512",
+            "--score",
+            "64",
+            "--configs",
+            "K4V4 keep 0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    records = {r["method"]: r for r in map(json.loads, (x for x in result.stdout.splitlines() if x.startswith("{")))}
+    assert records["DynamicCache"]["ppl_change"] == 0 and records["DynamicCache"]["ratio"] == 1
+    compressed = records["K4V4 keep 0.5"]
+    assert compressed["ratio"] > 2 and compressed["kl"] > 0  # real bytes saved, a real (small) loss
