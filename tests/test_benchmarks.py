@@ -1,4 +1,4 @@
-"""The codec benchmark runs end to end and its records say what the docs claim."""
+"""The benchmarks run end to end and their records say what the docs claim."""
 
 import json
 import subprocess
