@@ -232,3 +232,16 @@ def test_words_are_stored_little_endian():
     assert pack_words(torch.tensor([[0x0A0B0C0D]]), 4).tolist() == [[0x0D, 0x0C, 0x0B, 0x0A]]
     assert pack_words(torch.tensor([[0x0A0B0C]]), 3).tolist() == [[0x0C, 0x0B, 0x0A]]
     assert pack_words(torch.tensor([[0xFFFE]]), 2).tolist() == [[0xFE, 0xFF]]
+
+
+def test_encoded_moves_between_devices():
+    encoded = encode(torch.randn(4, 64), 3)
+    moved = encoded.to("meta")
+    assert moved.codes.device.type == "meta" and moved.scales.device.type == "meta"
+    assert (moved.bits, moved.method, moved.seed, moved.dtype) == (
+        encoded.bits,
+        encoded.method,
+        encoded.seed,
+        encoded.dtype,
+    )
+    assert torch.equal(decode(encoded.to("cpu")), decode(encoded))

@@ -246,7 +246,7 @@ class NexusQuantLayer(CacheLayerMixin):
     def _record(self, key_states: Tensor, kwargs: dict) -> None:
         batch, heads, length, _ = key_states.shape
         positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
-        positions = positions[:, None].expand(batch, heads, length)
+        positions = positions[:, None].expand(batch, heads, length).contiguous()  # per head once evicting
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
         if self.scorer == "streaming":
             return

@@ -30,7 +30,6 @@ __all__ = ["E8Quantizer", "ScalarQuantizer", "quantizer"]
 class E8Quantizer:
     """E8 lattice codebooks, one or two stages."""
 
-    name = "e8"
     _LOAD = {2: 1.0, 3: 2.0, 4: 1.15}  # codebook units per unit of data RMS
     _RESIDUAL = {3: 0.28, 4: 0.25}  # second-stage scale / first-stage scale
 
@@ -92,7 +91,6 @@ class ScalarQuantizer:
     """Lloyd-Max scalar levels per number: the honest baseline, with the same bits and scale."""
 
     bits: int
-    name = "scalar"
     load = 1.0
 
     def __post_init__(self):
