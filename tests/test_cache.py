@@ -94,17 +94,33 @@ def test_tokens_are_encoded_once_in_blocks():
     # after 8 tokens seen, tokens 0-2; after 15, tokens 3-9; after 20, tokens 10-14. Earlier
     # codes are never touched again.
     # Encoding happens when the layer settles: at its next use, after this forward's attention.
+    # The quantized keys' window is held in float16 (float32 model), the 16-bit values' exactly.
     layer.settle()
-    blocks = [encode(tokens[:, :, start:stop], 4) for start, stop in [(0, 3), (3, 10), (10, 15)]]
+    rounded = tokens.half().float()
+    blocks = [encode(rounded[:, :, start:stop], 4) for start, stop in [(0, 3), (3, 10), (10, 15)]]
     stream = layer.key_stream
     assert torch.equal(stream.old.codes, torch.cat([b.codes for b in blocks], dim=-2))
     assert torch.equal(stream.old.scales, torch.cat([b.scales for b in blocks], dim=-1))
-    assert torch.equal(stream.recent, tokens[:, :, 15:20])
+    assert torch.equal(stream.recent, tokens[:, :, 15:20].half())
+    assert torch.equal(layer.value_stream.recent, tokens[:, :, 15:20])
     first = blocks[0]
-    # What update returns: decoded old tokens, then the exact recent ones.
+    # What update returns: decoded old tokens, the held window, then this forward's tokens exact.
     torch.testing.assert_close(returned[-1][:, :, :3], decode(first))
-    assert torch.equal(returned[-1][:, :, 10:], tokens[:, :, 10:20])
+    assert torch.equal(returned[-1][:, :, 10:15], rounded[:, :, 10:15])
+    assert torch.equal(returned[-1][:, :, 15:], tokens[:, :, 15:20])
     assert layer.get_seq_length() == 20 and layer.get_mask_sizes(1) == (21, 0)
+
+
+def test_window_beyond_float16_range_stays_full_width():
+    layer = NexusQuantLayer(NexusQuantConfig(key_bits=4, value_bits=4, recent_window=8, block_size=4))
+    small, huge = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 2, 16) * 1e6
+    layer.update(small, small)
+    assert layer.key_stream.recent.dtype == torch.float16
+    keys, _ = layer.update(huge, huge)
+    assert layer.key_stream.recent.dtype == torch.float32  # rounding to float16 would give inf
+    assert torch.equal(keys[:, :, 3:], huge) and torch.equal(layer.key_stream.recent[:, :, 3:], huge)
+    layer.update(small, small)
+    assert layer.key_stream.recent.dtype == torch.float32 and torch.isfinite(layer.key_stream.recent).all()
 
 
 def test_stats_count_every_tensor_held(model):
@@ -307,7 +323,7 @@ def test_centred_keys_remove_a_shared_channel_offset():
         stored = stored_keys(layer)
         errors[center] = ((stored - keys) ** 2).sum() / ((keys - keys.mean(-2, keepdim=True)) ** 2).sum()
     stream = layer.key_stream
-    torch.testing.assert_close(stream.offset, keys.mean(-2, keepdim=True))
+    torch.testing.assert_close(stream.offset, keys.half().float().mean(-2, keepdim=True))  # float16 window
     torch.testing.assert_close(stored_keys(layer), decode(stream.old) + stream.offset)
     assert layer.nbytes()["metadata"] == 2 * 64 * 4  # one float32 offset per head
     assert errors[True] < 0.05 < 0.5 < errors[False]  # error relative to the tokens' own spread

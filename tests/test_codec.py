@@ -245,3 +245,11 @@ def test_encoded_moves_between_devices():
         encoded.dtype,
     )
     assert torch.equal(decode(encoded.to("cpu")), decode(encoded))
+
+
+def test_tables_first_built_in_inference_mode_serve_autograd_code_later():
+    with torch.inference_mode():
+        encode(torch.randn(3, 40), 3, seed=12345)  # a rotation no other test builds first
+    x = torch.randn(3, 40, requires_grad=True)
+    rotate(x, seed=12345).sum().backward()  # an inference-mode table would raise here
+    assert x.grad is not None

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, nexusquant_evict
+from nexusquant_cache.layer import NexusQuantLayer
 from nexusquant_cache.policy import PAD
 from tests.tiny_models import MODELS, greedy, prompt, tiny_llama
 
@@ -183,3 +184,48 @@ def test_models_sdpa_cannot_serve_fall_back_to_key_norm():
     ids = prompt()
     out = greedy(model, ids, max_new_tokens=4, cache=cache)
     assert out.sequences.shape == (2, 44) and cache.stats()["tokens_stored"] < 44
+
+
+@pytest.mark.parametrize("merge", ["values", "keys_values"])
+def test_merging_folds_each_evicted_token_into_its_most_similar_kept_one(merge):
+    """Against a per-head loop: keynorm ranks, every token weighs 1, all tokens leave the
+    window at once, so each evicted token merges into the kept token of highest cosine."""
+    torch.manual_seed(0)
+    config = NexusQuantConfig(
+        key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=0, block_size=1, sink_tokens=0,
+        scorer="keynorm", merge=merge,
+    )  # fmt: skip
+    layer = NexusQuantLayer(config)
+    keys, values = torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
+    layer.update(keys, values)
+    layer.settle()
+    for b in range(2):
+        for h in range(3):
+            kept = (-keys[b, h].norm(dim=-1)).topk(6).indices.sort().values.tolist()
+            sums = {t: [keys[b, h, t].clone(), values[b, h, t].clone(), 1] for t in kept}
+            for e in set(range(12)) - set(kept):
+                cosine = [torch.cosine_similarity(keys[b, h, e], keys[b, h, t], dim=0) for t in kept]
+                target = kept[int(torch.stack(cosine).argmax())]
+                sums[target][0] += keys[b, h, e]
+                sums[target][1] += values[b, h, e]
+                sums[target][2] += 1
+            expected_keys = [s[0] / s[2] if merge == "keys_values" else keys[b, h, t] for t, s in sums.items()]
+            expected_values = [s[1] / s[2] for s in sums.values()]
+            torch.testing.assert_close(layer.key_stream.old[b, h], torch.stack(expected_keys))
+            torch.testing.assert_close(layer.value_stream.old[b, h], torch.stack(expected_values))
+            assert layer.positions[b, h].tolist() == kept
+
+
+def test_merging_skips_pads_and_keeps_the_contract():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids, mask, positions = padded_prompt(pads=5)
+    config = NexusQuantConfig(**{**EVICT, "key_bits": 4, "value_bits": 3}, merge="values")
+    cache = NexusQuantCache(config, model=model)
+    tokens = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=STEP, do_sample=False, pad_token_id=0)
+    assert tokens.shape[1] == PREFIX + STEP
+    for layer in cache.layers:
+        assert (layer.positions != PAD).all()
+        assert layer.key_stream.length == layer.value_stream.length == cache.stats()["tokens_stored"]
+    with pytest.raises(ValueError, match="`merge` must be one of \\['off', 'values', 'keys_values'\\]"):
+        NexusQuantConfig(merge="on")

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
 import weakref
 from functools import partial
+from typing import Callable
 
+import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
+from . import io
 from .config import NexusQuantConfig
 from .integration import capture_queries
+from .io import CacheFileError, PromptMismatchError
 from .layer import ATTENTION_SCORERS, NexusQuantLayer
 
-__all__ = ["NexusQuantCache"]
+__all__ = ["NexusQuantCache", "prefill"]
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -39,6 +45,15 @@ class NexusQuantCache(Cache):
     SDPA plus a look at the queries), and its previous attention implementation comes back
     when the last such cache is garbage-collected. Without a model they fall back to
     ``"keynorm"``, which needs no queries.
+
+    :meth:`save` writes the cache to one safetensors file and :meth:`load` reads it back, so a
+    long prompt is prefilled once and reused later (see docs/file-format.md).
+
+    Attributes:
+        fingerprint: what the cache depends on in its model (see ``io.model_fingerprint``);
+            None for a cache built without ``model=`` or ``model_config=``.
+        prompt: ``{"sha256": ..., "length": ...}`` of the prompt ids given to :meth:`save`, or
+            read by :meth:`load`; None when unknown.
     """
 
     def __init__(
@@ -55,6 +70,10 @@ class NexusQuantCache(Cache):
         # Query capture needs the model; a failed switch is known only once tried (below).
         scorer = config.scorer if model is not None or not wants_queries else "keynorm"
         model_config = model.config if model is not None else model_config
+        self.fingerprint = None
+        if model_config is not None:
+            self.fingerprint = io.model_fingerprint(model_config, model.dtype if model is not None else None)
+        self.prompt = None
         if model_config is None:
             if config.layer_overrides:
                 raise ValueError("`layer_overrides` needs the model's layers: pass `model=` or `model_config=`")
@@ -104,6 +123,141 @@ class NexusQuantCache(Cache):
             "ratio": baseline / total if total else 1.0,
         }
 
+    def save(self, path: str | os.PathLike, prompt_ids=None) -> None:
+        """Write the cache to ``path``: one safetensors file holding every tensor the cache holds
+        (its size is ``stats()["bytes"]["total"]`` plus a small header), the config, the model's
+        fingerprint and, given ``prompt_ids``, a hash of the prompt.
+
+        The write is atomic: a failure leaves any previous file at ``path`` intact.
+
+        Args:
+            path: where to write (conventionally ``*.nqc``).
+            prompt_ids: the token ids the cache has seen, [T] or [batch, T] (longer ids are
+                fine: their first ``get_seq_length()`` tokens are hashed). A loaded cache can then
+                check that a new input starts with them (:meth:`check_prompt`).
+        """
+        seen = self.get_seq_length() if self.layers else 0
+        if seen == 0:
+            raise ValueError("the cache holds no tokens yet: run the model on a prompt before saving")
+        layers = []
+        for layer in self.layers:
+            tensors, state = layer.state_tensors()
+            layers.append(io.LayerRecord(layer.sliding_window, state, tensors))
+        if prompt_ids is not None:
+            self.prompt = _prompt_record(prompt_ids, seen, self.layers[0].key_stream.recent.shape[0])
+        shape = self.layers[0].key_stream.recent.shape
+        # Without the model's config, the file still pins what its tensors imply.
+        fingerprint = self.fingerprint or dict(
+            num_hidden_layers=len(self.layers), num_key_value_heads=shape[1], head_dim=shape[-1]
+        )
+        io.write(path, io.CacheFile(self.config, seen, fingerprint, self.prompt, layers))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: PreTrainedModel | None = None,
+        device: torch.device | str | None = None,
+        prompt_ids=None,
+    ) -> "NexusQuantCache":
+        """Read a cache :meth:`save` wrote; it continues as the saved cache would have.
+
+        Everything is checked before use: anything wrong (not a cache file, another format
+        version, damaged, saved for a model that differs from ``model``, tensors that disagree
+        with the header) raises :class:`~nexusquant_cache.CacheFileError` saying what.
+
+        Args:
+            path: the file.
+            model: the model that will use the cache: checked against the file's fingerprint,
+                and, for the attention scorers, its queries are captured as by the constructor.
+                Without it the layers are rebuilt from the file and the attention scorers fall
+                back to ``"keynorm"``.
+            device: where the tensors go (default: the model's device, or the CPU).
+            prompt_ids: when given, :meth:`check_prompt` runs on them before returning.
+        """
+        contents = io.read(path)
+        config, records = contents.config, contents.layers
+        if model is not None:
+            io.check_fingerprint(contents.model, io.model_fingerprint(model.config, model.dtype), path)
+            cache = cls(config, model=model)
+            model_windows = [layer.sliding_window for layer in cache.layers]
+            file_windows = [record.sliding_window for record in records]
+            if model_windows != file_windows:
+                raise CacheFileError(
+                    f"{path} has layers with sliding windows {file_windows} (None: full attention) "
+                    f"but the model has {model_windows}"
+                )
+        else:
+            # The layer count is in the file, so per-layer overrides need no model here.
+            cache = cls(dataclasses.replace(config, layer_overrides={}))
+            cache.config, cache.layer_class_to_replicate, cache.fingerprint = config, None, contents.model
+            cache.layers = [
+                NexusQuantLayer(config.for_layer(index, len(records)), cache.scorer, record.sliding_window)
+                for index, record in enumerate(records)
+            ]
+        if device is None:
+            device = model.device if model is not None else "cpu"
+        for index, (layer, record) in enumerate(zip(cache.layers, records)):
+            tensors = {name: tensor.to(device) for name, tensor in record.tensors.items()}
+            try:
+                layer.restore(tensors, record.state)
+            except ValueError as error:
+                raise CacheFileError(f"{path}: layer {index}: {error}") from None
+        _check_consistent(cache.layers, contents, path)
+        cache.prompt = contents.prompt
+        if prompt_ids is not None:
+            cache.check_prompt(prompt_ids)
+        return cache
+
+    def check_prompt(self, ids) -> None:
+        """Raise :class:`~nexusquant_cache.PromptMismatchError` unless ``ids`` ([T] or [batch, T])
+        start with the prompt this cache was saved with; e.g. the prompt plus a new question."""
+        if self.prompt is None:
+            raise PromptMismatchError("the cache has no prompt hash to check against: save it with `prompt_ids=`")
+        length = self.prompt["length"]
+        ids = torch.as_tensor(ids)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.shape[-1] < length:
+            raise PromptMismatchError(f"the ids have {ids.shape[-1]} tokens but the cache's prompt has {length}")
+        if io.prompt_hash(ids[:, :length]) != self.prompt["sha256"]:
+            raise PromptMismatchError(
+                f"the first {length} ids are not the prompt the cache was saved with (sha256 differs)"
+            )
+
+
+def _prompt_record(ids, seen: int, batch: int) -> dict:
+    ids = torch.as_tensor(ids)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < seen:
+        raise ValueError(
+            f"`prompt_ids` must be [{batch}, >= {seen}] (the ids the cache has seen) but are {list(ids.shape)}"
+        )
+    return {"sha256": io.prompt_hash(ids[:, :seen]), "length": seen}
+
+
+def _check_consistent(layers: list[NexusQuantLayer], contents: io.CacheFile, path) -> None:
+    """What attention needs across layers: the same tokens seen, batch, and tokens stored in
+    every full-attention layer (one mask serves them all), and the heads and head_dim of the file's model."""
+    model = contents.model
+    batches, stored = set(), set()
+    for index, layer in enumerate(layers):
+        recent = layer.key_stream.recent
+        if layer.seen != contents.tokens_seen or recent is None:
+            raise CacheFileError(f"{path}: layer {index} has seen {layer.seen} tokens, not {contents.tokens_seen}")
+        heads, dim = recent.shape[1], recent.shape[-1]
+        if (model.get("num_key_value_heads") or heads, model.get("head_dim") or dim) != (heads, dim):
+            raise CacheFileError(
+                f"{path}: layer {index} holds {heads} heads of dimension {dim} but the file's model has "
+                f"{model.get('num_key_value_heads')} of {model.get('head_dim')}"
+            )
+        batches.add(recent.shape[0])
+        if not layer.is_sliding:
+            stored.add(layer.key_stream.length)
+    if len(batches) > 1 or len(stored) > 1:
+        raise CacheFileError(
+            f"{path}: layers disagree on batch size {sorted(batches)} or full-attention tokens stored {sorted(stored)}"
+        )
+
 
 def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer: str) -> list:
     decoder = model_config.get_text_config(decoder=True)
@@ -127,3 +281,32 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
                 f"supported: 'full_attention', {', '.join(map(repr, _SLIDING_TYPES))}"
             )
     return layers
+
+
+def prefill(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    cache: Cache,
+    chunk_size: int | None = 512,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Run ``ids`` [batch, T] through ``model`` into ``cache`` (any transformers Cache),
+    ``chunk_size`` tokens per forward (None: one forward) at positions after those the cache has seen.
+
+    Chunks bound the memory of a long prefill: a NexusQuantCache compresses each chunk when the
+    next one arrives, so it holds at most one chunk plus its window at full precision.
+    ``progress(done, total)`` is called after each chunk. Returns the logits [batch, vocab] at
+    the last position.
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be an integer >= 1 or None but got {chunk_size!r}")
+    start, total = cache.get_seq_length(), ids.shape[1]
+    step = chunk_size or total
+    with torch.inference_mode():
+        for begin in range(0, total, step):
+            chunk = ids[:, begin : begin + step]
+            positions = torch.arange(start + begin, start + begin + chunk.shape[1], device=ids.device)
+            logits = model(chunk, cache=cache, position_ids=positions[None], logits_to_keep=1).logits
+            if progress is not None:
+                progress(begin + chunk.shape[1], total)
+    return logits[:, -1]

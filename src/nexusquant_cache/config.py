@@ -12,6 +12,8 @@ __all__ = ["NexusQuantConfig", "PRESETS", "SCORERS"]
 CACHE_BITS = (*SUPPORTED_BITS, 16)  # 16: keep that side at full precision
 # Token importance for eviction; see scoring.py.
 SCORERS = ("snapkv", "h2o", "keynorm", "streaming")
+# What evicted tokens fold into (policy.py): nothing, the kept token's value, or its key and value.
+MERGES = ("off", "values", "keys_values")
 # Chosen from docs/cache-results.md (SmolLM2-135M, 4k tokens of Emma), measured with these
 # exact settings: real ratio against a 16-bit cache, perplexity change.
 _MEASURED_WINDOW = dict(recent_window=32, block_size=32)
@@ -50,6 +52,10 @@ class NexusQuantConfig:
         observation_window: queries per forward that ``"snapkv"`` scores with.
         center_keys: subtract each head's mean key (taken from the first tokens encoded) before
             quantizing keys; helps models whose keys carry large channel offsets (Gemma 3).
+        merge: what happens to an evicted token: ``"off"`` drops it; ``"values"`` folds its
+            value into the kept token with the most similar key among those being encoded now
+            (a weighted mean by attention score; 1 each for keynorm/streaming), ``"keys_values"``
+            folds its key too. The merged token's score grows by the folded score.
         layer_overrides: per-layer ``key_bits`` / ``value_bits``, e.g. ``{0: {"key_bits": 16},
             -1: {"key_bits": 16}}`` keeps the first and last layers' keys exact. Layer indices
             may be negative (from the end); they need the model's layer count (``model=``).
@@ -68,6 +74,7 @@ class NexusQuantConfig:
     scorer: str = "snapkv"
     observation_window: int = 64
     center_keys: bool = False
+    merge: str = "off"
     layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -90,6 +97,8 @@ class NexusQuantConfig:
             _check_int("token_budget", self.token_budget, minimum=self._budget_floor)
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"`merge` must be one of {list(MERGES)} but got {self.merge!r}")
         if not isinstance(self.center_keys, bool):
             raise ValueError(f"`center_keys` must be True or False but got {self.center_keys!r}")
         if not isinstance(self.layer_overrides, dict):

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from .codec import Encoded, decode, encode
+from .codec import SUPPORTED_DTYPES, Encoded, decode, encode
 from .config import NexusQuantConfig
-from .policy import PAD, select_kept
+from .policy import PAD, evicted, merge_targets, select_kept
 from .scoring import attention_scores, key_norm_scores
 
 __all__ = ["KVStream", "NexusQuantLayer", "PENDING_LAYER"]
@@ -34,6 +34,7 @@ __all__ = ["KVStream", "NexusQuantLayer", "PENDING_LAYER"]
 PENDING_LAYER: ContextVar[tuple["NexusQuantLayer", Tensor] | None] = ContextVar("nexusquant_pending", default=None)
 
 ATTENTION_SCORERS = ("snapkv", "h2o")
+_FLOAT16_MAX = torch.finfo(torch.float16).max
 SNAPKV_POOL = 7
 
 
@@ -43,7 +44,13 @@ class KVStream:
 
     With ``center``, codes hold ``state - offset``, where ``offset`` [B, H, 1, d] is the mean of
     the first tokens encoded, per head: a large shared mean (keys' channel offsets) would
-    otherwise eat the codebook's range."""
+    otherwise eat the codebook's range.
+
+    A quantized stream of a float32 (or float64) model holds its window in float16: the window
+    is a large part of a compressed cache, and float16's rounding is far below the codes' error
+    (bfloat16's was not, on Gemma 3's keys with channel offsets near 40). The forward that adds
+    tokens still sees them exact; a value beyond float16's range keeps the window at full width.
+    At 16 bits nothing is rounded."""
 
     def __init__(self, bits: int, config: NexusQuantConfig, center: bool = False):
         self.bits = bits
@@ -52,6 +59,7 @@ class KVStream:
         self.old: Encoded | Tensor | None = None
         self.recent: Tensor | None = None
         self.offset: Tensor | None = None
+        self.dtype: torch.dtype | None = None  # the model's: what append returns and codes decode to
 
     @property
     def old_length(self) -> int:
@@ -62,15 +70,23 @@ class KVStream:
         return self.old_length + (0 if self.recent is None else self.recent.shape[-2])
 
     def append(self, states: Tensor) -> Tensor:
-        """Add ``states`` [B, H, q, d]; return every stored state, the new ones last."""
-        self.recent = states if self.recent is None else torch.cat([self.recent, states], dim=-2)
+        """Add ``states`` [B, H, q, d]; return every stored state, the new ones last (exact)."""
+        self.dtype = states.dtype
+        held = self.recent
+        narrow = self.bits < 16 and states.element_size() > 2 and (held is None or held.dtype == torch.float16)
+        if narrow and states.abs().amax() <= _FLOAT16_MAX:
+            stored = states.half()
+        else:  # a value beyond float16's range: this stream's window stays at full width from now on
+            stored, held = states, None if held is None else held.to(states.dtype)
+        self.recent = stored if held is None else torch.cat([held, stored], dim=-2)
+        recent = states if held is None else torch.cat([held.to(states.dtype), states], dim=-2)
         if self.old is None:
-            return self.recent
+            return recent
         if isinstance(self.old, Encoded):
             old = decode(self.old) if self.offset is None else decode(self.old) + self.offset
         else:
             old = self.old
-        return torch.cat([old, self.recent], dim=-2)
+        return torch.cat([old, recent], dim=-2)
 
     def retire(self, leaving: int, keep: Tensor | None) -> None:
         """Move the ``leaving`` oldest recent tokens into ``old``, keeping only the candidates
@@ -91,6 +107,32 @@ class KVStream:
         where = torch.where(rank < n_old, keep, old_length + rank - n_old)
         self.old = _take(_cat(self.old, fresh), where)
 
+    def gather(self, index: Tensor, leaving: int) -> Tensor:
+        """States [B, H, E, d] of the candidates ``index`` [B, H, E] (old tokens, then the
+        ``leaving`` oldest window tokens), in the model's dtype; only the old ones asked for are decoded."""
+        old_length = self.old_length
+        from_window = self.recent[..., :leaving, :].to(self.dtype)
+        states = _take(from_window, (index - old_length).clamp(0, max(leaving - 1, 0))) if leaving else None
+        if old_length:
+            old = _take(self.old, index.clamp(max=old_length - 1))
+            if isinstance(old, Encoded):
+                old = decode(old) if self.offset is None else decode(old) + self.offset
+            states = old if states is None else torch.where((index < old_length)[..., None], old, states)
+        return states
+
+    def merge_into_window(self, target: Tensor, states: Tensor, weights: Tensor, target_weights: Tensor) -> None:
+        """Replace each window token t among the first T by the weighted mean of itself
+        (``target_weights`` [B, H, T]) and the ``states`` [B, H, E, d] whose ``target`` [B, H, E] is t."""
+        length = target_weights.shape[-1]
+        window = self.recent[..., :length, :].float()
+        total = torch.scatter_add(target_weights.float(), -1, target, weights)
+        summed = window * target_weights[..., None].float()
+        summed.scatter_add_(-2, target[..., None].expand_as(states), states.float() * weights[..., None])
+        merged = summed / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        merged = torch.where((total > 0)[..., None], merged, window).to(self.recent.dtype)
+        # Not in place: the window may be an inference tensor while this runs outside inference mode.
+        self.recent = torch.cat([merged, self.recent[..., length:, :]], dim=-2)
+
     def drop_oldest(self, count: int) -> None:
         """Forget the ``count`` oldest tokens (a sliding window moving on)."""
         from_old = min(count, self.old_length)
@@ -102,6 +144,7 @@ class KVStream:
     def _store(self, states: Tensor) -> Encoded | Tensor:
         if self.bits == 16 or states.shape[-2] == 0:
             return states
+        states = states.to(self.dtype)  # a float16 window encodes as the model's dtype
         if self.center:
             if self.offset is None:
                 self.offset = states.float().mean(-2, keepdim=True).to(states.dtype)
@@ -131,6 +174,62 @@ class KVStream:
         """Numbers a full-precision cache holds for ``tokens`` tokens of this stream."""
         batch, heads, _, dim = self.recent.shape
         return batch * heads * tokens * dim
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """Every tensor held, by name (``codes``/``scales`` or ``old``, ``recent``, ``offset``),
+        and what :meth:`restore` needs besides them."""
+        tensors = {"recent": self.recent, "offset": self.offset}
+        state = {"bits": self.bits, "old": None}
+        if isinstance(self.old, Encoded):
+            tensors |= {"codes": self.old.codes, "scales": self.old.scales}
+            state |= {"old": "codes", "method": self.old.method.value, "seed": self.old.seed}
+            state["dtype"] = str(self.old.dtype).removeprefix("torch.")
+        elif self.old_length:  # an empty 16-bit part is the same as none
+            tensors["old"] = self.old
+            state["old"] = "states"
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None}, state
+
+    def restore(self, tensors: dict[str, Tensor], state: dict) -> None:
+        """Take back what :meth:`state_tensors` gave, once it is checked to fit this stream; a
+        ValueError says what does not."""
+        if not isinstance(state, dict) or state.get("bits") != self.bits:
+            bits = state.get("bits") if isinstance(state, dict) else state
+            raise ValueError(f"holds {bits}-bit states but the config gives this stream {self.bits} bits")
+        kind = state.get("old")
+        expected = {"recent", *_OLD_TENSORS.get(kind, ())}
+        if kind not in _OLD_TENSORS:
+            raise ValueError(f"old part {kind!r} is none of {list(_OLD_TENSORS)}")
+        if kind == "codes" and self.center:
+            expected.add("offset")  # set by the first encode
+        if set(tensors) != expected:
+            raise ValueError(f"has tensors {sorted(tensors)} but needs {sorted(expected)}")
+        recent = tensors["recent"]
+        if recent.dim() != 4 or not recent.is_floating_point():
+            raise ValueError(f"recent must be a floating [batch, heads, tokens, dim] tensor, not {_describe(recent)}")
+        batch, heads, _, dim = recent.shape
+        old = None
+        if kind == "codes":
+            if (state.get("method"), state.get("seed")) != (self.config.method, self.config.seed):
+                raise ValueError(
+                    f"codes were written with method {state.get('method')!r} and seed {state.get('seed')!r} "
+                    f"but the config says {self.config.method!r} and {self.config.seed}"
+                )
+            dtype = _DTYPES.get(state.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"codes decode to dtype {state.get('dtype')!r}, none of {list(_DTYPES)}")
+            old = Encoded(tensors["codes"], tensors["scales"], self.bits, self.config.method, self.config.seed, dtype)
+            if old.scales.dim() != 3 or old.shape[:2] != (batch, heads) or old.dim != dim:
+                raise ValueError(f"codes decode to {list(old.shape)}, which does not fit recent {list(recent.shape)}")
+        elif kind == "states":
+            old = tensors["old"]
+            if self.bits != 16 or old.dim() != 4 or old.shape[:2] != (batch, heads) or old.shape[-1] != dim:
+                raise ValueError(
+                    f"old states {_describe(old)} do not fit recent {list(recent.shape)} at {self.bits} bits"
+                )
+        offset = tensors.get("offset")
+        if offset is not None and tuple(offset.shape) != (batch, heads, 1, dim):
+            raise ValueError(f"offset {_describe(offset)} is not [{batch}, {heads}, 1, {dim}]")
+        self.old, self.recent, self.offset = old, recent, offset
 
 
 def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
@@ -178,6 +277,15 @@ def _keep(stats: Tensor | None, keep: Tensor, candidates: int) -> Tensor | None:
 
 def _bytes(tensor: Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+# A stream's exported old part: kind -> its tensors (see KVStream.state_tensors).
+_OLD_TENSORS = {None: (), "codes": ("codes", "scales"), "states": ("old",)}
+_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+
+
+def _describe(tensor: Tensor) -> str:
+    return f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
 
 
 def _positions(query_length: int, seen: int, kwargs: dict, device: torch.device) -> Tensor:
@@ -294,11 +402,35 @@ class NexusQuantLayer(CacheLayerMixin):
                     max(candidates - excess, 0),
                     config.sink_tokens,
                 )
+                if config.merge != "off" and leaving:
+                    self._merge(keep, candidates, leaving)
                 self.positions = _keep(self.positions, keep, candidates)
                 self.scores = _keep(self.scores, keep, candidates)
         if leaving or keep is not None:
             self.key_stream.retire(leaving, keep)
             self.value_stream.retire(leaving, keep)
+
+    def _merge(self, keep: Tensor, candidates: int, leaving: int) -> None:
+        """Fold each evicted token into the most similar kept token that leaves the window now
+        (not yet encoded, so no token is encoded twice), weighted by score; pads are dropped."""
+        old_length = candidates - leaving
+        dropped = evicted(keep, candidates)
+        kept = torch.zeros_like(self.positions[..., :candidates], dtype=torch.bool).scatter_(-1, keep, True)
+        weights = torch.ones_like(self.positions[..., :candidates], dtype=torch.float32)
+        if self.scorer in ATTENTION_SCORERS:  # attention mass; other scorers' values are not masses
+            weights = self.scores[..., :candidates].float().clamp_min(0)
+        weights = weights.masked_fill(self.positions[..., :candidates] == PAD, 0)
+        keys = self.key_stream.gather(dropped, leaving)
+        target, found = merge_targets(keys, self.key_stream.recent[..., :leaving, :], kept[..., old_length:])
+        dropped_weights = weights.gather(-1, dropped) * found
+        target_weights = weights[..., old_length:]
+        if self.config.merge == "keys_values":
+            self.key_stream.merge_into_window(target, keys, dropped_weights, target_weights)
+        values = self.value_stream.gather(dropped, leaving)
+        self.value_stream.merge_into_window(target, values, dropped_weights, target_weights)
+        if self.scores is not None and self.scorer in ATTENTION_SCORERS:
+            merged = torch.scatter_add(target_weights, -1, target, dropped_weights).to(self.scores.dtype)
+            self.scores = torch.cat([self.scores[..., :old_length], merged, self.scores[..., candidates:]], -1)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -347,3 +479,60 @@ class NexusQuantLayer(CacheLayerMixin):
         parts = {part: keys[part] + values[part] for part in keys}
         parts["metadata"] += _bytes(self.positions) + _bytes(self.scores)
         return parts
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """Every tensor held, by name (``keys.*``, ``values.*``, ``positions``, ``scores``), and
+        what :meth:`restore` needs besides them. Settles first."""
+        self.settle()
+        if not self.is_initialized:
+            return {}, {"seen": 0}
+        tensors, state = {"positions": self.positions, "scores": self.scores}, {"seen": self.seen}
+        for name, stream in (("keys", self.key_stream), ("values", self.value_stream)):
+            held, state[name] = stream.state_tensors()
+            tensors |= {f"{name}.{part}": tensor for part, tensor in held.items()}
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None}, state
+
+    def restore(self, tensors: dict[str, Tensor], state: dict) -> None:
+        """Take back what :meth:`state_tensors` gave (read from a file, perhaps onto another
+        device), once it is checked to fit this layer; a ValueError says what does not."""
+        self.reset()
+        seen = state.get("seen") if isinstance(state, dict) else None
+        if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
+            raise ValueError(f"tokens seen must be an integer >= 0, not {seen!r}")
+        if seen == 0:
+            if tensors:
+                raise ValueError(f"has seen no tokens but holds {sorted(tensors)}")
+            return
+        for name, stream in (("keys", self.key_stream), ("values", self.value_stream)):
+            held = {part.removeprefix(f"{name}."): t for part, t in tensors.items() if part.startswith(f"{name}.")}
+            try:
+                stream.restore(held, state.get(name))
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+        keys, values = self.key_stream, self.value_stream
+        batch, heads = keys.recent.shape[:2]
+        if (*values.recent.shape[:2], values.old_length, values.length) != (batch, heads, keys.old_length, keys.length):
+            raise ValueError("keys and values hold different batch sizes, heads or token counts")
+        stored = keys.length
+        expected = min(seen, self.sliding_window - 1) if self.is_sliding else seen
+        if stored > expected or (stored < expected and not self.evicts):
+            bound = "at most " if self.evicts else ""
+            raise ValueError(f"holds {stored} tokens after {seen} seen; this layer holds {bound}{expected}")
+        # Eviction ranks by positions and, unless streaming, scores: one per stored token.
+        wanted = {"positions": self.evicts, "scores": self.evicts and self.scorer != "streaming"}
+        unexpected = {name for name in tensors if not name.startswith(("keys.", "values.")) and not wanted.get(name)}
+        if unexpected:
+            raise ValueError(f"holds tensors {sorted(unexpected)} that this layer does not use")
+        for name in (name for name, needed in wanted.items() if needed):
+            tensor = tensors.get(name)
+            dtype_ok = tensor is not None and (
+                tensor.dtype == torch.int32 if name == "positions" else tensor.is_floating_point()
+            )
+            if not dtype_ok or tuple(tensor.shape) != (batch, heads, stored):
+                kind = "int32" if name == "positions" else "floating"
+                found = "nothing" if tensor is None else _describe(tensor)
+                raise ValueError(f"{name} must be {kind} [{batch}, {heads}, {stored}] but is {found}")
+        self.positions, self.scores = tensors.get("positions"), tensors.get("scores")
+        self.seen = seen
+        self.device = keys.recent.device
+        self.is_initialized = True

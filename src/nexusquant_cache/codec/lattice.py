@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from ._tables import cached_table
 
 __all__ = ["OrbitCodebook", "nearest_d8", "nearest_e8", "ball_codebook", "shell_codebook"]
 
@@ -56,7 +57,7 @@ def _keys(points: Tensor) -> Tensor:
     return (digits @ (13.0 ** torch.arange(8, dtype=torch.float64, device=points.device))).long()
 
 
-@lru_cache(maxsize=1)
+@cached_table(1)
 def _permutations() -> Tensor:
     return torch.tensor(list(itertools.permutations(range(8))))  # [40320, 8]
 
@@ -160,7 +161,7 @@ class OrbitCodebook:
         return self.points[scores.argmax(-1)]
 
 
-@lru_cache(maxsize=8)
+@cached_table(8)
 def _on_device(book: OrbitCodebook, device: torch.device) -> OrbitCodebook:
     tensors = (book.patterns, book.half, book.points, book.keys)
     return OrbitCodebook(*(t.to(device) for t in tensors), book.index_bits)
@@ -176,7 +177,7 @@ def _patterns(values: list[float], max_norm2: float) -> list[tuple[float, ...]]:
     return found
 
 
-@lru_cache(maxsize=1)
+@cached_table(1)
 def ball_codebook() -> OrbitCodebook:
     """64,497 E8 points in 16-bit indices: the whole ball of norm^2 <= 10 (56,881 points) plus
     the two orbits of the norm^2 = 12 shell that still fit, (2,2,2,0,0,0,0,0) and
@@ -187,7 +188,7 @@ def ball_codebook() -> OrbitCodebook:
     return OrbitCodebook.from_patterns(patterns)
 
 
-@lru_cache(maxsize=1)
+@cached_table(1)
 def shell_codebook() -> OrbitCodebook:
     """256 E8 points in 8-bit indices: the 240 minimal vectors plus the 16 points (+-2, 0^7)."""
     return OrbitCodebook.from_patterns([(1, 1, 0, 0, 0, 0, 0, 0), (0.5,) * 8, (2, 0, 0, 0, 0, 0, 0, 0)])

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+from ._tables import cached_table
 from .lattice import OrbitCodebook, ball_codebook, shell_codebook
 
 __all__ = ["E8Quantizer", "ScalarQuantizer", "quantizer"]
@@ -73,7 +73,7 @@ class E8Quantizer:
         return first.add_(second, alpha=self.residual)
 
 
-@lru_cache(maxsize=None)
+@cached_table(None)
 def lloyd_max_levels(bits: int, iterations: int = 2000) -> Tensor:
     """The 2^bits MSE-optimal (Lloyd-Max) levels for a unit Gaussian, float64, ascending."""
     normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
@@ -108,6 +108,6 @@ class ScalarQuantizer:
         return self.levels.to(words.device)[codes]
 
 
-@lru_cache(maxsize=None)
+@cached_table(None)
 def quantizer(method: str, bits: int) -> E8Quantizer | ScalarQuantizer:
     return E8Quantizer(bits) if method == "e8" else ScalarQuantizer(bits)

@@ -13,10 +13,10 @@ speed, faster in torch than the log2(d) passes of a butterfly transform (see doc
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import Tensor
+
+from ._tables import cached_table
 
 __all__ = ["rotation_matrix", "rotate", "unrotate"]
 
@@ -28,7 +28,7 @@ def _sylvester(n: int) -> Tensor:
     return h
 
 
-@lru_cache(maxsize=64)
+@cached_table(64)
 def _matrix_cpu(dim: int, seed: int) -> Tensor:
     power = dim & -dim  # largest power of two dividing dim
     odd = dim // power
@@ -40,7 +40,7 @@ def _matrix_cpu(dim: int, seed: int) -> Tensor:
     return matrix.float().contiguous()
 
 
-@lru_cache(maxsize=64)
+@cached_table(64)
 def _matrix_on(dim: int, seed: int, device: torch.device) -> Tensor:
     return _matrix_cpu(dim, seed).to(device)
 

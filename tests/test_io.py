@@ -1,0 +1,440 @@
+"""Saving and loading caches: exact continuation after a round trip, every damaged file refused."""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from nexusquant_cache import CacheFileError, NexusQuantCache, NexusQuantConfig, PromptMismatchError, prompt_hash
+from nexusquant_cache import io as cache_io
+from tests.tiny_models import MODELS, greedy, prompt, tiny_llama
+
+CONFIGS = {
+    "evict-snapkv-centred": NexusQuantConfig(
+        key_bits=3, value_bits=2, recent_window=8, block_size=4, keep_ratio=0.5, center_keys=True
+    ),
+    "evict-keynorm": NexusQuantConfig(
+        key_bits=4, value_bits=2, recent_window=4, block_size=4, keep_ratio=0.4, scorer="keynorm"
+    ),
+    "16-bit": NexusQuantConfig(key_bits=16, value_bits=16),
+    "mixed": NexusQuantConfig(
+        key_bits=16, value_bits=3, recent_window=6, block_size=5, layer_overrides={0: {"key_bits": 2}}
+    ),
+}
+QUESTION = prompt(batch=2, length=5, seed=3)
+
+
+def build(name="llama", config="evict-snapkv-centred", length=40):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    ids = prompt(batch=2, length=length)
+    cache = NexusQuantCache(CONFIGS[config], model=model)
+    model(ids, cache=cache)
+    return model, ids, cache
+
+
+def same_contents(first: bytes, second: bytes) -> bool:
+    """Equal metadata and tensors (safetensors writes its metadata in no fixed order)."""
+    tensors = [load_safetensors(data) for data in (first, second)]
+    same_tensors = tensors[0].keys() == tensors[1].keys() and all(
+        t.dtype == tensors[1][name].dtype and torch.equal(t, tensors[1][name]) for name, t in tensors[0].items()
+    )
+    return same_tensors and metadata(first) == metadata(second)
+
+
+def metadata(data: bytes) -> dict:
+    return json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]
+
+
+def continue_from(model, ids, cache, key="cache"):
+    out = greedy(model, torch.cat([ids, QUESTION], dim=1), max_new_tokens=8, **{key: cache})
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_loaded_cache_continues_exactly_as_in_memory(tmp_path, name, config):
+    model, ids, cache = build(name, config)
+    path = tmp_path / "prompt.nqc"
+    cache.save(path, prompt_ids=ids)
+    loaded = NexusQuantCache.load(path, model=model, prompt_ids=torch.cat([ids, QUESTION], dim=1))
+    assert loaded.stats() == cache.stats() and loaded.config == cache.config
+    resaved = tmp_path / "again.nqc"
+    loaded.save(resaved)
+    assert same_contents(resaved.read_bytes(), path.read_bytes())  # the state came back bit for bit
+    expected_tokens, expected_scores = continue_from(model, ids, cache)
+    tokens, scores = continue_from(model, ids, loaded)
+    assert torch.equal(tokens, expected_tokens) and torch.equal(scores, expected_scores)
+    # the loaded cache keeps working: decoding appended, and eviction went on
+    assert loaded.get_seq_length() == cache.get_seq_length() == ids.shape[1] + QUESTION.shape[1] + 7
+    assert loaded.stats() == cache.stats()
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # still supported; tested
+def test_hybrid_layers_come_back_without_the_model(tmp_path):
+    model, ids, cache = build("gemma3", "evict-keynorm")
+    cache.save(tmp_path / "c.nqc")
+    bare = NexusQuantCache.load(tmp_path / "c.nqc", device="cpu")
+    assert [layer.sliding_window for layer in bare.layers] == [16, None, 16, None]
+    assert bare.fingerprint == cache.fingerprint and bare.fingerprint["model_type"] == "gemma3_text"
+    assert all(layer.key_stream.recent.device.type == "cpu" for layer in bare.layers)
+    expected = continue_from(model, ids, cache)
+    tokens, scores = continue_from(model, ids, bare, key="past_key_values")
+    assert torch.equal(tokens, expected[0]) and torch.equal(scores, expected[1])
+
+
+def test_a_cache_built_without_the_model_pins_its_shapes(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = prompt(batch=2, length=40)
+    cache = NexusQuantCache(CONFIGS["evict-keynorm"])  # layers created on use, no fingerprint
+    model(ids, cache=cache)
+    cache.save(tmp_path / "c.nqc")
+    loaded = NexusQuantCache.load(tmp_path / "c.nqc", model=model, device=torch.device("cpu"))
+    assert cache_io.read(tmp_path / "c.nqc").model == {"num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 16}
+    expected = continue_from(model, ids, cache)
+    tokens, scores = continue_from(model, ids, loaded)
+    assert torch.equal(tokens, expected[0]) and torch.equal(scores, expected[1])
+    with pytest.raises(CacheFileError, match="num_hidden_layers 3 in the file but 2 for this model"):
+        NexusQuantCache.load(tmp_path / "c.nqc", model=MODELS["gpt2"]())
+
+
+def test_layer_overrides_load_without_a_model(tmp_path):
+    model, ids, cache = build("llama", "mixed")
+    cache.save(tmp_path / "c.nqc")
+    loaded = NexusQuantCache.load(tmp_path / "c.nqc")
+    assert [layer.key_stream.bits for layer in loaded.layers] == [2, 16, 16]
+    assert torch.equal(continue_from(model, ids, loaded)[1], continue_from(model, ids, cache)[1])
+
+
+def test_prompt_hash_checks_the_prefix(tmp_path):
+    model, ids, cache = build()
+    with pytest.raises(ValueError, match=r"`prompt_ids` must be \[2, >= 40\]"):
+        cache.save(tmp_path / "c.nqc", prompt_ids=ids[:, :30])
+    cache.save(tmp_path / "c.nqc", prompt_ids=ids)
+    assert cache.prompt == {"sha256": prompt_hash(ids), "length": 40}
+    loaded = NexusQuantCache.load(tmp_path / "c.nqc", model=model)
+    loaded.check_prompt(ids)
+    loaded.check_prompt(torch.cat([ids, QUESTION], dim=1))  # the prompt plus a question
+    other = ids.clone()
+    other[1, 17] += 1
+    with pytest.raises(PromptMismatchError, match="the first 40 ids are not the prompt"):
+        loaded.check_prompt(other)
+    with pytest.raises(PromptMismatchError, match="the ids have 39 tokens but the cache's prompt has 40"):
+        loaded.check_prompt(ids[:, :39])
+    with pytest.raises(PromptMismatchError):
+        NexusQuantCache.load(tmp_path / "c.nqc", model=model, prompt_ids=other)
+    cache.prompt = None
+    cache.save(tmp_path / "anonymous.nqc")
+    with pytest.raises(PromptMismatchError, match="save it with `prompt_ids=`"):
+        NexusQuantCache.load(tmp_path / "anonymous.nqc").check_prompt(ids)
+
+
+def test_prompt_hash_is_defined_by_the_ids_alone():
+    assert prompt_hash([5, 6, 7]) == prompt_hash(torch.tensor([[5, 6, 7]], dtype=torch.int32))
+    assert prompt_hash([5, 6, 7]) != prompt_hash([[5], [6], [7]])  # the shape counts
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        prompt_hash(torch.ones(3))
+
+
+def test_an_empty_cache_is_not_saved(tmp_path):
+    with pytest.raises(ValueError, match="no tokens yet"):
+        NexusQuantCache(model=tiny_llama()).save(tmp_path / "c.nqc")
+
+
+def test_the_file_holds_the_cache_bytes_and_a_small_header(tmp_path):
+    _, _, cache = build(length=200)
+    cache.save(tmp_path / "c.nqc")
+    data = (tmp_path / "c.nqc").read_bytes()
+    header = struct.unpack("<Q", data[:8])[0]
+    assert len(data) - 8 - header == cache.stats()["bytes"]["total"]
+    assert header < 6000  # 3 layers: about 1.5 kB of metadata each
+    assert oct(os.stat(tmp_path / "c.nqc").st_mode & 0o777) == "0o644"
+
+
+# ---- refusing what cannot be used ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small valid file, its bytes, and the model it was saved for."""
+    model, ids, cache = build(length=24)
+    path = tmp_path_factory.mktemp("saved") / "c.nqc"
+    cache.save(path, prompt_ids=ids)
+    return path, path.read_bytes(), model
+
+
+def load_bytes(tmp_path, data, **kwargs):
+    path = tmp_path / "candidate.nqc"
+    path.write_bytes(data)
+    return NexusQuantCache.load(path, **kwargs)
+
+
+def rewrite(tmp_path, saved, change):
+    """The saved file after ``change(contents)`` edits what it holds, written with a valid checksum."""
+    contents = cache_io.read(saved[0])
+    change(contents)
+    path = tmp_path / "crafted.nqc"
+    cache_io.write(path, contents)
+    return path
+
+
+def test_a_file_for_another_model_is_refused(saved):
+    path, _, model = saved
+    torch.manual_seed(0)
+    other = MODELS["llama"]()
+    other.config.num_key_value_heads = 4  # only the fingerprint is read before refusing
+    with pytest.raises(CacheFileError, match=r"saved for another model: num_key_value_heads 2 in the file but 4"):
+        NexusQuantCache.load(path, model=other)
+    with pytest.raises(CacheFileError, match="dtype 'float32' in the file but 'bfloat16' for this model"):
+        NexusQuantCache.load(path, model=MODELS["llama"]().to(torch.bfloat16))
+    with pytest.raises(CacheFileError, match="model_type 'llama' in the file but 'gemma3_text'"):
+        NexusQuantCache.load(path, model=MODELS["gemma3"]())
+
+
+def craft(saved, header_change=None, **metadata_changes):
+    """The saved file's bytes with its header or metadata edited and, unless a change sets it,
+    a checksum that matches."""
+    fields = metadata(saved[1])
+    tensors = load_safetensors(saved[1])
+    if header_change is not None:
+        header = json.loads(fields["header"])
+        header_change(header)
+        fields["header"] = json.dumps(header)
+    fields = {key: value for key, value in {**fields, **metadata_changes}.items() if value is not None}
+    if "sha256" not in metadata_changes:
+        fields["sha256"] = cache_io._checksum(fields, tensors)
+    return save_safetensors(tensors, fields)
+
+
+def test_another_format_version_is_refused(tmp_path, saved):
+    with pytest.raises(CacheFileError, match="format version '2'; this nexusquant-cache reads version 1 only"):
+        load_bytes(tmp_path, craft(saved, format_version="2"))
+    with pytest.raises(CacheFileError, match="format version None"):
+        load_bytes(tmp_path, craft(saved, format_version=None))
+    with pytest.raises(CacheFileError, match="a safetensors file but not a nexusquant-cache file"):
+        load_bytes(tmp_path, craft(saved, format="something-else"))
+    with pytest.raises(CacheFileError, match="no safetensors metadata"):
+        load_bytes(tmp_path, save_safetensors(load_safetensors(saved[1])))
+    with pytest.raises(CacheFileError, match="damaged: its sha256 checksum"):
+        load_bytes(tmp_path, craft(saved, sha256=None))
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "not a safetensors file: it has 0 bytes"),
+        (b"hello world, this is text\n", "not a safetensors file, or it is truncated"),
+        (struct.pack("<Q", 5) + b"[1,2]", "no safetensors metadata"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "its header is not JSON"),
+    ],
+)
+def test_a_file_that_is_not_safetensors_is_refused(tmp_path, data, message):
+    with pytest.raises(CacheFileError, match=message):
+        load_bytes(tmp_path, data)
+
+
+def test_a_pickle_file_is_refused_without_being_unpickled(tmp_path):
+    path = tmp_path / "pickled.pt"
+    torch.save({"keys": torch.zeros(3)}, path)
+    with pytest.raises(CacheFileError, match="not a safetensors file"):
+        NexusQuantCache.load(path)
+
+
+def test_truncation_and_a_flipped_bit_are_refused(tmp_path, saved):
+    data = saved[1]
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    with pytest.raises(CacheFileError, match="truncated or damaged"):
+        load_bytes(tmp_path, data[:-1])
+    with pytest.raises(CacheFileError, match="not a safetensors file, or it is truncated"):
+        load_bytes(tmp_path, data[: header_end - 1])
+    for position in (header_end, len(data) - 1, (header_end + len(data)) // 2):  # tensor bytes
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        with pytest.raises(CacheFileError, match="damaged: its sha256 checksum does not match"):
+            load_bytes(tmp_path, bytes(flipped))
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(st.data())
+def test_fuzzed_flips_and_truncations_are_refused(tmp_path, saved, data):
+    original = saved[1]
+    damaged = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(0, len(original) - 1))
+        damaged[position] ^= 1 << data.draw(st.integers(0, 7))
+    damaged = bytes(damaged[: data.draw(st.integers(0, len(original)))])
+    assume(damaged != original)
+    with pytest.raises(CacheFileError):
+        load_bytes(tmp_path, damaged, model=saved[2])
+
+
+@FUZZ
+@given(start=st.integers(0, 600), junk=st.binary(min_size=1, max_size=40))
+def test_fuzzed_header_bytes_are_refused(tmp_path, saved, start, junk):
+    original = saved[1]
+    damaged = original[:start] + junk + original[start + len(junk) :]
+    assume(damaged != original)
+    with pytest.raises(CacheFileError):
+        load_bytes(tmp_path, damaged)
+
+
+def drop_value_token(contents):
+    recent = contents.layers[1].tensors["values.recent"]
+    contents.layers[1].tensors["values.recent"] = recent[:, :, 1:]
+
+
+def shorten_codes(contents):
+    contents.layers[0].tensors["keys.codes"] = contents.layers[0].tensors["keys.codes"][..., :-3]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (drop_value_token, "layer 1: keys and values hold different batch sizes, heads or token counts"),
+        (shorten_codes, r"layer 0: keys: codes decode to \[2, 2, 8, 8\], which does not fit recent \[2, 2, 8, 16\]"),
+        (
+            lambda c: c.layers[2].tensors.pop("positions"),
+            r"layer 2: positions must be int32 \[2, 2, 16\] but is nothing",
+        ),
+        (lambda c: c.layers[0].tensors.pop("keys.offset"), r"keys: has tensors .* but needs \['codes', 'offset'"),
+        (
+            lambda c: c.layers[0].state["keys"].update(bits=4),
+            "keys: holds 4-bit states but the config gives this stream 3",
+        ),
+        (
+            lambda c: c.layers[0].state["values"].update(seed=7),
+            "values: codes were written with method 'e8' and seed 7",
+        ),
+        (lambda c: c.layers[0].state["values"].update(dtype="int8"), "codes decode to dtype 'int8'"),
+        (lambda c: c.layers[0].state.update(seen=9), "layer 0: holds 16 tokens after 9 seen"),
+        (lambda c: c.layers[2].tensors.update(extra=torch.zeros(2)), r"layer 2: holds tensors \['extra'\]"),
+        (lambda c: vars(c).update(tokens_seen=25, prompt=None), "layer 0 has seen 24 tokens, not 25"),
+        (
+            lambda c: c.model.update(head_dim=32),
+            "layer 0 holds 2 heads of dimension 16 but the file's model has 2 of 32",
+        ),
+        (
+            lambda c: setattr(c.layers[1], "sliding_window", 8),
+            "layer 1: holds 16 tokens after 24 seen; this layer holds 7",
+        ),
+    ],
+)
+def test_tensors_that_disagree_with_the_header_are_refused(tmp_path, saved, change, message):
+    with pytest.raises(CacheFileError, match=message):
+        NexusQuantCache.load(rewrite(tmp_path, saved, change))
+
+
+def test_the_model_and_the_file_must_agree_on_layer_types(tmp_path, saved):
+    path = rewrite(tmp_path, saved, lambda c: setattr(c.layers[1], "sliding_window", 30))
+    with pytest.raises(
+        CacheFileError, match=r"sliding windows \[None, 30, None\] .* the model has \[None, None, None\]"
+    ):
+        NexusQuantCache.load(path, model=saved[2])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h: h["config"].update(key_bits=5), "invalid header: `key_bits` must be one of"),
+        (lambda h: h["config"].update(colour="red"), r"unknown NexusQuantConfig fields \['colour'\]"),
+        (lambda h: h.update(tokens_seen="24"), "'tokens_seen' must be a int but is '24'"),
+        (lambda h: h["layers"][0].update(type="moe"), "layer 0 has type 'moe'"),
+        (lambda h: h["layers"].clear(), "'layers' is empty"),
+        (lambda h: h.update(prompt={"sha256": "x", "length": 24}), "'prompt' must hold a sha256"),
+        (lambda h: h.pop("model"), "missing 'model'"),
+        (
+            lambda h: h.update(layers=h["layers"][:2]),
+            r"tensor 'layers.2.keys.codes' is not 'layers.<i>.<name>' with i < 2",
+        ),
+    ],
+)
+def test_an_invalid_header_is_refused(tmp_path, saved, change, message):
+    with pytest.raises(CacheFileError, match=message):
+        load_bytes(tmp_path, craft(saved, change))
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+
+
+class _HalfWriter:
+    """A file whose write stops halfway with an error, as on a full disk."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise OSError("simulated: no space left on device")
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync", "replace"])
+def test_an_interrupted_save_keeps_the_previous_file(tmp_path, saved, monkeypatch, failing):
+    path = tmp_path / "c.nqc"
+    path.write_bytes(saved[1])
+    _, _, other = build(length=30)
+    if failing == "write":
+        real_fdopen = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: _HalfWriter(real_fdopen(*args, **kwargs)))
+    else:
+
+        def fail(*args, **kwargs):
+            raise OSError(f"simulated failure in os.{failing}")
+
+        monkeypatch.setattr(os, failing, fail)
+    with pytest.raises(OSError, match="simulated"):
+        other.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == saved[1] and sorted(os.listdir(tmp_path)) == ["c.nqc"]
+    NexusQuantCache.load(path, model=saved[2])
+
+
+# ---- a real model -----------------------------------------------------------------------------
+
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+
+
+@pytest.mark.real_model
+def test_smollm2_round_trip_and_file_size(tmp_path):
+    """1k tokens of Persuasion with the `max` preset (eviction by snapkv): the file is the cache's
+    bytes plus under 2%, and the continuation after loading is the in-memory one."""
+    from nexusquant_cache.models import load_smollm2
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_smollm2()
+    text = (AUSTEN / "persuasion.txt").read_text()[30_000:40_000]
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text).input_ids[:1023]]])
+    question = tokenizer("\n\nWho is the story about?", return_tensors="pt").input_ids
+    cache = NexusQuantCache(NexusQuantConfig.preset("max"), model=model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    path = tmp_path / "persuasion.nqc"
+    cache.save(path, prompt_ids=ids)
+    total = cache.stats()["bytes"]["total"]
+    assert total < path.stat().st_size < 1.02 * total  # measured: +1.6%, a 30 kB header
+    full = torch.cat([ids, question], dim=1)
+    loaded = NexusQuantCache.load(path, model=model, prompt_ids=full)
+    expected = greedy(model, full, max_new_tokens=6, cache=cache)
+    actual = greedy(model, full, max_new_tokens=6, cache=loaded)
+    assert torch.equal(actual.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(actual.scores), torch.stack(expected.scores), atol=1e-6, rtol=0)
