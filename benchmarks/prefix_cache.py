@@ -20,8 +20,7 @@ from _austen import TEXT_DIR
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from nexusquant_cache import NexusQuantCache, NexusQuantConfig
-from nexusquant_cache.cli import prefill
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, prefill
 from nexusquant_cache.models import load_smollm2
 
 CONFIGS = {"lossless": NexusQuantConfig.preset("lossless"), "max (K4V2 keep 0.25)": NexusQuantConfig.preset("max")}

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nexusquant_cache import NexusQuantCache, NexusQuantConfig
-from nexusquant_cache.cli import prefill
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, prefill
 from nexusquant_cache.models import load_smollm2
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
