@@ -60,7 +60,7 @@ CONFIGS = {
     "16-bit keep 0.5 keynorm": dict(key_bits=16, value_bits=16, keep_ratio=0.5, scorer="keynorm"),
     "16-bit keep 0.5 streaming": dict(key_bits=16, value_bits=16, keep_ratio=0.5, scorer="streaming"),
 }
-WINDOW = dict(recent_window=32, block_size=32)  # a float32 window is costly: keep it short
+WINDOW = dict(recent_window=32, block_size=32)  # the full-precision window costs bytes: keep it short
 
 
 def main() -> None:

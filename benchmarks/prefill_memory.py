@@ -29,7 +29,7 @@ VARIANTS = {
     "NexusQuantCache K4V2 keep 0.5, chunked": (dict(key_bits=4, value_bits=2, keep_ratio=0.5), 1),
     "NexusQuantCache K4V4, one forward": (dict(key_bits=4, value_bits=4), 0),
 }
-DECODE_STEPS = 8
+DECODE_STEPS = 8  # held tokens at the end: context + DECODE_STEPS
 
 
 def resident_bytes() -> int:

@@ -53,3 +53,20 @@ def test_cache_quality_benchmark_small_run():
     assert records["DynamicCache"]["ppl_change"] == 0 and records["DynamicCache"]["ratio"] == 1
     compressed = records["K4V4 keep 0.5"]
     assert compressed["ratio"] > 2 and compressed["kl"] > 0  # real bytes saved, a real (small) loss
+
+
+@pytest.mark.real_model
+def test_prefill_memory_benchmark_small_run():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "prefill_memory.py"), "--context", "96", "--chunk", "32"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    records = {r["variant"]: r for r in map(json.loads, (x for x in result.stdout.splitlines() if x.startswith("{")))}
+    assert len(records) == 5 and all(r["chunk"] in (32, 96) for r in records.values())
+    dynamic, ours = records["DynamicCache, chunked"], records["NexusQuantCache K4V4, chunked"]
+    # SmolLM2: layers, keys and values, KV heads, 96 + 8 decoded tokens, head_dim, float32
+    assert dynamic["cache_bytes"] == 30 * 2 * 3 * (96 + 8) * 64 * 4
+    assert 0 < ours["cache_bytes"] < dynamic["cache_bytes"] / 4

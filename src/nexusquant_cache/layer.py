@@ -124,12 +124,14 @@ class KVStream:
         """Replace each window token t among the first T by the weighted mean of itself
         (``target_weights`` [B, H, T]) and the ``states`` [B, H, E, d] whose ``target`` [B, H, E] is t."""
         length = target_weights.shape[-1]
-        window = self.recent[..., :length, :].float()
+        window = self.recent[..., :length, :]
         total = torch.scatter_add(target_weights.float(), -1, target, weights)
-        summed = window * target_weights[..., None].float()
+        summed = window.float() * target_weights[..., None].float()
         summed.scatter_add_(-2, target[..., None].expand_as(states), states.float() * weights[..., None])
         merged = summed / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-        merged = torch.where((total > 0)[..., None], merged, window).to(self.recent.dtype)
+        # Only tokens that absorbed something change (w * x / w need not round back to x).
+        absorbed = torch.zeros_like(total).scatter_add_(-1, target, (weights > 0).float()) > 0
+        merged = torch.where(absorbed[..., None], merged, window).to(self.recent.dtype)
         # Not in place: the window may be an inference tensor while this runs outside inference mode.
         self.recent = torch.cat([merged, self.recent[..., length:, :]], dim=-2)
 
