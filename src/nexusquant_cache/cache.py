@@ -301,6 +301,8 @@ def prefill(
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be an integer >= 1 or None but got {chunk_size!r}")
     start, total = cache.get_seq_length(), ids.shape[1]
+    if ids.dim() != 2 or total == 0:
+        raise ValueError(f"`ids` must be [batch, tokens] with at least one token but have shape {list(ids.shape)}")
     step = chunk_size or total
     with torch.inference_mode():
         for begin in range(0, total, step):
