@@ -108,3 +108,10 @@ def test_demo_compares_the_two_caches(tmp_path, model_folder, capsys):
     assert len(rows) == 2 and "| 0.50x |" in rows[0] and "| 100% |" in rows[0]  # float32 DynamicCache
     ratio = float(rows[1].split("|")[3].split("x")[0])
     assert ratio > 4  # preset max (K4V2, keep 0.25) on a 300-token prompt, window included
+
+
+def test_the_demo_text_ships_with_the_austen_data():
+    from nexusquant_cache.cli import DEMO_TEXT
+    from nexusquant_cache.eval import DEFAULT_TEXT_DIR
+
+    assert (DEFAULT_TEXT_DIR / DEMO_TEXT).is_file()

@@ -28,6 +28,8 @@ from .models import load_model
 
 __all__ = ["build_parser", "main"]
 
+DEMO_TEXT = "prideprejudice.txt"  # in the Austen folder (eval.data.DEFAULT_TEXT_DIR)
+
 
 def config_from(args: argparse.Namespace) -> NexusQuantConfig:
     """The preset (if any) with every field option given on top."""
@@ -113,7 +115,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, torch.float32)
-    text = Path(args.text or DEFAULT_TEXT_DIR / "pride_and_prejudice.txt").read_text(encoding="utf-8")
+    text = Path(args.text or DEFAULT_TEXT_DIR / DEMO_TEXT).read_text(encoding="utf-8")
     ids = tokenizer(text[text.find("It is a truth") :] if "It is a truth" in text else text, return_tensors="pt")
     ids = ids.input_ids[:, : args.tokens]
     print(f"{args.model}: a {ids.shape[1]}-token prompt from {Path(args.text or 'Pride and Prejudice').name}, "
