@@ -24,7 +24,7 @@ import sys
 import torch
 from _austen import TEXT_DIR
 
-from nexusquant_cache.eval import nexusquant, perplexity_kl
+from nexusquant_cache.eval import nexusquant, parse_method, perplexity_kl
 from nexusquant_cache.models import load_gemma3_270m, load_smollm2
 
 CHUNK = 64
@@ -36,6 +36,8 @@ CONFIGS = {
     "K4V3": dict(key_bits=4, value_bits=3),
     "K4V3 keep 0.5": dict(key_bits=4, value_bits=3, keep_ratio=0.5),
     "K4V2 scalar": dict(key_bits=4, value_bits=2, method="scalar"),
+    "K3V2 keep 0.5 scalar": dict(key_bits=3, value_bits=2, keep_ratio=0.5, method="scalar"),
+    "K4V2 keep 0.25 scalar": dict(key_bits=4, value_bits=2, keep_ratio=0.25, method="scalar"),
     "K2V2": dict(key_bits=2, value_bits=2),
     "K4V4 keep 0.5": dict(key_bits=4, value_bits=4, keep_ratio=0.5),
     "K4V2 keep 0.5": dict(key_bits=4, value_bits=2, keep_ratio=0.5),
@@ -52,6 +54,10 @@ CONFIGS = {
     "K2V2 centred": dict(key_bits=2, value_bits=2, center_keys=True),
     "K4V2 keep 0.5 centred": dict(key_bits=4, value_bits=2, keep_ratio=0.5, center_keys=True),
     "16-bit keep 0.25": dict(key_bits=16, value_bits=16, keep_ratio=0.25),
+    "16-bit keep 0.125": dict(key_bits=16, value_bits=16, keep_ratio=0.125),
+    "16-bit keep 0.25 streaming": dict(key_bits=16, value_bits=16, keep_ratio=0.25, scorer="streaming"),
+    "K4V2 keep 0.125": dict(key_bits=4, value_bits=2, keep_ratio=0.125),
+    "K4V4 keep 0.125": dict(key_bits=4, value_bits=4, keep_ratio=0.125),
     "16-bit keep 0.5 merge values": dict(key_bits=16, value_bits=16, keep_ratio=0.5, merge="values"),
     "16-bit keep 0.5 merge keys_values": dict(key_bits=16, value_bits=16, keep_ratio=0.5, merge="keys_values"),
     "16-bit keep 0.25 merge values": dict(key_bits=16, value_bits=16, keep_ratio=0.25, merge="values"),
@@ -68,12 +74,22 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--score", type=int, default=512)
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        default=list(CONFIGS),
+        help="names from CONFIGS, or method specs as `nexusquant-cache eval --methods` takes them "
+        "(quanto:4, hqq:2, nq:key_bits=4,...)",
+    )
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
     args = parser.parse_args()
-    unknown = sorted(set(args.configs) - set(CONFIGS))
-    if unknown:
-        parser.error(f"unknown --configs {unknown}; known: {list(CONFIGS)}")
+    try:
+        methods = [
+            nexusquant(name, **{**WINDOW, **CONFIGS[name]}) if name in CONFIGS else parse_method(name)
+            for name in args.configs
+        ]
+    except ValueError as error:
+        parser.error(f"{error}\nknown --configs names: {list(CONFIGS)}")
     torch.set_num_threads(2)
     model, tokenizer = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m}[args.model]()
     book = tokenizer((TEXT_DIR / "emma.txt").read_text(encoding="utf-8"), add_special_tokens=False).input_ids
@@ -82,16 +98,19 @@ def main() -> None:
     stride = min(50000, (len(book) - args.context - 5000) // max(args.windows - 1, 1))
     offsets = [5000 + stride * k for k in range(args.windows)]
     windows = [[start_token, *book[offset : offset + args.context - 1]] for offset in offsets]
-    methods = [nexusquant(name, **{**WINDOW, **CONFIGS[name]}) for name in args.configs]
     records = perplexity_kl(
         model, windows, methods, args.score, CHUNK, progress=lambda line: print(line, file=sys.stderr)
     )
     found = {(r["method"], r["metric"]): r for r in records}
     base = found["reference", "perplexity"]
-    print("| method | ratio vs 16-bit | perplexity | change | KL (nats) | prefill time | scoring time |")
-    print("|---|---|---|---|---|---|---|")
-    for name in ["DynamicCache", *args.configs]:
-        ppl = found["reference" if name == "DynamicCache" else name, "perplexity"]
+    print("| method | ratio vs 16-bit | model in 16 bits | perplexity | change | KL (nats) | prefill | scoring |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ["DynamicCache", *(method.name for method in methods)]:
+        ppl = found.get(("reference" if name == "DynamicCache" else name, "perplexity"))
+        if ppl is None or ppl["value"] is None:
+            reason = next((r.get("unavailable") for r in records if r["method"] == name), "no result")
+            print(json.dumps(dict(model=args.model, method=name, unavailable=reason)), flush=True)
+            continue
         kl, held = found.get((name, "kl")), found.get((name, "bytes"))
         record = dict(
             model=args.model,
@@ -100,6 +119,9 @@ def main() -> None:
             context=args.context,
             scored=args.score,
             ratio=held["ratio"] if held else 1.0,
+            # what the same cache would hold if the model ran in 16 bits (a float32 model's
+            # 16-bit eviction-only cache or QuantizedCache residual is held in float32)
+            ratio_16bit=held["ratio_16bit"] if held else 1.0,
             ppl=ppl["value"],
             ppl_change=ppl["change"],
             kl=kl["value"] if kl else 0.0,
@@ -107,11 +129,17 @@ def main() -> None:
             scoring_vs_dynamic=ppl["scoring_s"] / base["scoring_s"],
         )
         print(json.dumps(record), flush=True)
-        print(
-            f"| {name} | {record['ratio']:.2f}x | {record['ppl']:.2f} | {100 * record['ppl_change']:+.2f}% | "
-            f"{record['kl']:.4f} | {record['prefill_vs_dynamic']:.2f}x | {record['scoring_vs_dynamic']:.2f}x |",
-            flush=True,
-        )
+        cells = [
+            name,
+            f"{record['ratio']:.2f}x",
+            f"{record['ratio_16bit']:.2f}x",
+            f"{record['ppl']:.2f}",
+            f"{100 * record['ppl_change']:+.2f}%",
+            f"{record['kl']:.4f}",
+            f"{record['prefill_vs_dynamic']:.2f}x",
+            f"{record['scoring_vs_dynamic']:.2f}x",
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

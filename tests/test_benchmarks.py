@@ -43,6 +43,7 @@ def test_cache_quality_benchmark_small_run():
             "64",
             "--configs",
             "K4V4 keep 0.5",
+            "hqq:4",
         ],
         capture_output=True,
         text=True,
@@ -53,6 +54,25 @@ def test_cache_quality_benchmark_small_run():
     assert records["DynamicCache"]["ppl_change"] == 0 and records["DynamicCache"]["ratio"] == 1
     compressed = records["K4V4 keep 0.5"]
     assert compressed["ratio"] > 2 and compressed["kl"] > 0  # real bytes saved, a real (small) loss
+    assert compressed["ratio_16bit"] == compressed["ratio"]  # our window is float16 already
+    peer = records["hqq int4"]  # a method spec runs the peer in the same harness
+    assert peer["kl"] > 0 and peer["ratio_16bit"] > peer["ratio"] > 1  # its float32 residual halves at 16 bits
+
+
+def test_results_plot_draws_each_figure_from_the_records(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from results_plot import family, pareto
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert pareto([(4, 1.0), (8, 3.0), (8, 2.0), (6, 2.5), (16, 5.0)]) == [(4, 1.0), (8, 2.0), (16, 5.0)]
+    names = ["K4V2 keep 0.5", "16-bit keep 0.5 h2o", "quanto int4", "K3V2 keep 0.5 scalar", "kvpress SnapKVPress(0.5)"]
+    assert [family(n) for n in names] == ["ours", "eviction", "quantized", "scalar", "kvpress"]
+    lines = [json.dumps(dict(method=n, ratio=2.0 + i, ppl_change=0.01 * i, kl=0.002 * i)) for i, n in enumerate(names)]
+    (tmp_path / "smol4k-peers.out").write_text("| a markdown row |\n" + "\n".join(lines) + "\n")
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "results_plot.py"), str(tmp_path)], check=True)
+    assert (tmp_path / "results-smollm2-4k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "results-gemma3-4k.png").exists()  # no records, no figure
 
 
 @pytest.mark.real_model

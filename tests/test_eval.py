@@ -374,6 +374,9 @@ def test_peak_memory_in_a_fresh_process(tmp_path):
     first, second = records
     assert first["value"] > 0 and first["how"] in ("VmHWM reset", "ru_maxrss (includes loading the model)")
     assert first["vs_dynamic"] == 1 and second["value"] > 0 and "model_rss" in first and second["method"] == "ours"
+    # layers x (keys, values) x KV heads x (64 prompt + 2 decoded tokens) x head_dim x float32
+    assert first["held"] == 3 * 2 * 2 * 66 * 16 * 4
+    assert 0 < second["held"] < first["held"] and first["prefill_s"] > 0 and second["prefill_s"] > 0
 
 
 @pytest.mark.real_model

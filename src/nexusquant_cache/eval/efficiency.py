@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..cache import prefill
-from .methods import Method, dynamic, parse_method
+from .methods import Method, cache_bytes, dynamic, parse_method
 from .quality import split_available
 
 __all__ = ["peak_memory", "speed"]
@@ -116,7 +116,9 @@ def peak_memory(
     Record ``peak_memory``: ``value`` is the peak resident memory while decoding, above the
     process with the model loaded (so it holds the cache, the activations and any transient
     buffers, e.g. codes decoded for attention); ``prefill_peak`` the same for the prefill;
-    ``after_prefill`` what stayed resident after it; ``vs_dynamic`` the ratio of ``value`` to
+    ``after_prefill`` what stayed resident after it; ``held`` the storage of the cache's tensors
+    after decoding, at the dtypes they are held in; ``prefill_s`` the prefill's seconds (with
+    compression); ``vs_dynamic`` the ratio of ``value`` to
     DynamicCache's (when it is among ``methods``). The prefill runs ``prefill_chunk`` tokens per
     forward (None: one) and keeps only the last position's logits, so logits do not dominate."""
     methods = [parse_method(m) for m in methods]
@@ -159,7 +161,9 @@ def peak_memory(
             continue
         results[method.name] = result
         record = _record("peak_memory", method, setting, result["decode_peak"], "bytes", None)
-        record |= {key: result[key] for key in ("prefill_peak", "after_prefill", "model_rss", "how")}
+        record |= {
+            key: result[key] for key in ("prefill_peak", "after_prefill", "held", "prefill_s", "model_rss", "how")
+        }
         records.append(record)
     reference = next((m.name for m in methods if m.kind == "dynamic" and m.name in results), None)
     for record in records:
@@ -263,9 +267,11 @@ def _child() -> None:
     gc.collect()
     before = _status("VmRSS")
     resettable = _reset_peak()
+    started = time.perf_counter()
     logits = prefill(model, ids, cache, spec["prefill_chunk"])
     for layer in cache.layers:
         getattr(layer, "settle", lambda: None)()
+    prefill_s = time.perf_counter() - started
     prefill_peak, after_prefill = _peak(resettable), _status("VmRSS")
     resettable = resettable and _reset_peak()
     _decode(model, ids.shape[1], cache, logits, spec["decode_tokens"])
@@ -277,6 +283,8 @@ def _child() -> None:
                 "prefill_peak": prefill_peak - before,
                 "after_prefill": after_prefill - before,
                 "decode_peak": decode_peak - before,
+                "held": cache_bytes(cache)["tensor_bytes"],
+                "prefill_s": prefill_s,
                 "how": "VmHWM reset" if resettable else "ru_maxrss (includes loading the model)",
             }
         )
