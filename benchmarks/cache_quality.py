@@ -53,6 +53,7 @@ CONFIGS = {
     "K3V2 centred": dict(key_bits=3, value_bits=2, center_keys=True),
     "K2V2 centred": dict(key_bits=2, value_bits=2, center_keys=True),
     "K4V2 keep 0.5 centred": dict(key_bits=4, value_bits=2, keep_ratio=0.5, center_keys=True),
+    "K4V4 keep 0.5 centred": dict(key_bits=4, value_bits=4, keep_ratio=0.5, center_keys=True),
     "16-bit keep 0.25": dict(key_bits=16, value_bits=16, keep_ratio=0.25),
     "16-bit keep 0.125": dict(key_bits=16, value_bits=16, keep_ratio=0.125),
     "16-bit keep 0.25 streaming": dict(key_bits=16, value_bits=16, keep_ratio=0.25, scorer="streaming"),

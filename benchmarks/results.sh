@@ -42,9 +42,13 @@ run recall4k python -m nexusquant_cache.eval --model smollm2 --context 4096 --me
     "nq:key_bits=4,value_bits=2,keep_ratio=0.5,$window@K4V2 keep 0.5" \
     "nq:key_bits=16,value_bits=16,keep_ratio=0.5,$window@16-bit keep 0.5 snapkv" quanto:4 \
     -o "$out/recall4k" --no-plots
-# Gemma-3-270m, 4k context, 8 windows (keys centred: its global layers' keys carry large offsets).
+# Gemma-3-270m, 2k/4k/8k context, 8 windows (keys centred: its global layers' keys carry large offsets).
 run gemma4k python cache_quality.py --model gemma3 --windows 8 --context 4096 --score 512 --configs \
-    "K4V4 centred" "K4V2 keep 0.5 centred"
+    "K4V4 centred" "K4V2 centred" "K4V4 keep 0.5 centred" "K4V2 keep 0.5 centred" "16-bit keep 0.5"
+run gemma2k python cache_quality.py --model gemma3 --windows 8 --context 2048 --score 512 --configs \
+    "K4V4 centred" "K4V2 keep 0.5 centred" "16-bit keep 0.5"
+run gemma8k python cache_quality.py --model gemma3 --windows 8 --context 8192 --score 512 --configs \
+    "K4V2 keep 0.5 centred"
 # SmolLM2 at 2k and 8k.
 run smol2k python cache_quality.py --windows 8 --context 2048 --score 512 --configs \
     K4V4 "K4V4 keep 0.5" "K4V2 keep 0.25" "16-bit keep 0.5" hqq:4

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, prefill
+from nexusquant_cache.config import PRESETS
 from nexusquant_cache.models import load_smollm2
 
 AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
@@ -33,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=AUSTEN / "prideprejudice.txt")
     parser.add_argument("--tokens", type=int, default=3000, help="document length in tokens")
-    parser.add_argument("--preset", default="max", choices=["lossless", "balanced", "max"])
+    parser.add_argument("--preset", default="max", choices=list(PRESETS))
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_smollm2()

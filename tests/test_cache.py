@@ -305,7 +305,8 @@ def test_presets_are_valid_configs_and_can_be_overridden():
     assert NexusQuantConfig.preset("lossless").key_bits == 4
     assert NexusQuantConfig.preset("max").keep_ratio == 0.25
     assert NexusQuantConfig.preset("balanced", seed=3).seed == 3
-    with pytest.raises(ValueError, match="`preset` must be one of \\['lossless', 'balanced', 'max'\\]"):
+    assert NexusQuantConfig.preset("compact").keep_ratio == 1  # the no-eviction point
+    with pytest.raises(ValueError, match="`preset` must be one of \\['lossless', 'compact', 'balanced', 'max'\\]"):
         NexusQuantConfig.preset("tiny")
 
 
