@@ -118,8 +118,8 @@ def peak_memory(
     buffers, e.g. codes decoded for attention); ``prefill_peak`` the same for the prefill;
     ``after_prefill`` what stayed resident after it; ``held`` the storage of the cache's tensors
     after decoding, at the dtypes they are held in; ``prefill_s`` the prefill's seconds (with
-    compression); ``vs_dynamic`` the ratio of ``value`` to
-    DynamicCache's (when it is among ``methods``). The prefill runs ``prefill_chunk`` tokens per
+    compression); ``vs_dynamic`` the ratio of ``value`` to DynamicCache's (when it is among
+    ``methods``). The prefill runs ``prefill_chunk`` tokens per
     forward (None: one) and keeps only the last position's logits, so logits do not dominate."""
     methods = [parse_method(m) for m in methods]
     ids = torch.as_tensor(ids).reshape(-1).tolist()
