@@ -27,8 +27,8 @@ run smol4k-ours python cache_quality.py --windows 8 --context 4096 --score 512 -
 run smol4k-peers python cache_quality.py --windows 8 --context 4096 --score 512 --configs \
     "16-bit keep 0.25" "16-bit keep 0.5 h2o" "16-bit keep 0.5 keynorm" "16-bit keep 0.5 streaming" \
     quanto:4 quanto:2 hqq:4 hqq:2 "K4V2 keep 0.125"
-# The simple combinations of shared/design/baselines.md at equal bytes: the same rotation, scale,
-# packing and eviction with a scalar (Lloyd-Max) quantizer in place of E8.
+# The simple combinations at equal bytes: the same rotation, scale, packing and eviction with a
+# scalar (Lloyd-Max) quantizer in place of E8.
 run smol4k-scalar python cache_quality.py --windows 8 --context 4096 --score 512 --configs \
     "K3V2 keep 0.5 scalar" "K4V2 keep 0.25 scalar"
 if [[ -n "${KVPRESS_PYTHON:-}" ]]; then
@@ -36,7 +36,8 @@ if [[ -n "${KVPRESS_PYTHON:-}" ]]; then
 fi
 # Copy recall and pass keys at 4k (the Austen novels as haystack).
 window=recent_window=32,block_size=32
-run recall4k python -m nexusquant_cache.eval --model smollm2 --context 4096 --metrics copy_recall passkey \
+run recall4k python -m nexusquant_cache.eval --model smollm2 --context 4096 --text ../../shared/data/austen \
+    --metrics copy_recall passkey \
     --copy-depths 0.1 0.5 0.9 --copy-spans 16 64 --passkey-depths 0.1 0.5 0.9 --passkey-trials 2 --threads 2 \
     --methods dynamic "nq:key_bits=4,value_bits=2,$window@K4V2" "nq:preset=balanced@balanced" \
     "nq:key_bits=4,value_bits=2,keep_ratio=0.5,$window@K4V2 keep 0.5" \
@@ -53,9 +54,10 @@ run gemma8k python cache_quality.py --model gemma3 --windows 8 --context 8192 --
 run smol2k python cache_quality.py --windows 8 --context 2048 --score 512 --configs \
     K4V4 "K4V4 keep 0.5" "K4V2 keep 0.25" "16-bit keep 0.5" hqq:4
 run smol8k python cache_quality.py --windows 8 --context 8192 --score 512 --configs K4V4 "K4V2 keep 0.25"
-# Speed and peak memory at 4k (one window; times are ratios to DynamicCache in the same run).
+# Speed and peak memory at 4k: every figure of speed in README.md and docs/ comes from this run
+# (one window of the built-in python-docs text; times are ratios to DynamicCache in the same run).
 run eff4k python -m nexusquant_cache.eval --model smollm2 --context 4096 --metrics speed memory --prefill-chunk 512 \
-    --threads 2 --methods dynamic nq:preset=balanced nq:preset=max quanto:4 hqq:4 \
-    -o "$out/eff4k" --no-plots
+    --threads 2 --methods dynamic nq:preset=lossless nq:preset=compact nq:preset=balanced nq:preset=max \
+    quanto:4 hqq:4 -o "$out/eff4k" --no-plots
 
 python results_plot.py "$out" --to ../docs

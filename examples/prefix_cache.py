@@ -1,10 +1,11 @@
 """Prefill a long document once, save its compressed cache, then answer questions from the file.
 
 Each question loads the saved prefix (milliseconds) instead of prefilling the document again,
-and checks that the question really continues that document (the prompt hash). SmolLM2-135M is
-a small model: its answers are rough, the mechanics are the point.
+and checks that the question really continues that document (the prompt hash). The document is
+the start of Python's language reference (it ships with every Python; `--text` takes your own
+file). SmolLM2-135M is a small model: its answers are rough, the mechanics are the point.
 
-    python examples/prefix_cache.py                      # Pride and Prejudice, preset "max"
+    python examples/prefix_cache.py                      # preset "max", about 1 minute on 2 CPU cores
     python examples/prefix_cache.py --preset lossless --tokens 2000
 """
 
@@ -19,30 +20,28 @@ import torch
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, prefill
 from nexusquant_cache.config import PRESETS
+from nexusquant_cache.eval import builtin_texts
 from nexusquant_cache.models import load_smollm2
 
-AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 QUESTIONS = [
-    "How many daughters do Mr. and Mrs. Bennet have?",
-    "Who has taken Netherfield Park?",
-    "What is the name of Mr. Bingley's friend?",
+    "Which exception does a failing assert statement raise?",
+    "What does an assignment statement do?",
+    "When does the compiler emit no code for an assert statement?",
 ]
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=Path, default=AUSTEN / "prideprejudice.txt")
+    parser.add_argument("--text", type=Path, help="a UTF-8 text file (default: Python's language reference)")
     parser.add_argument("--tokens", type=int, default=3000, help="document length in tokens")
     parser.add_argument("--preset", default="max", choices=list(PRESETS))
     args = parser.parse_args()
-    torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
-    text = args.text.read_text(encoding="utf-8")
-    start = text.find("It is a truth universally acknowledged")  # skip the front matter
+    text = args.text.read_text(encoding="utf-8") if args.text else builtin_texts("python-docs")[0][1]
     # SmolLM2 is a chat model: the document opens the user's turn, each question closes it.
     opening = tokenizer("<|im_start|>user\nRead this passage.\n\n", add_special_tokens=False).input_ids
-    passage = tokenizer(text[max(start, 0) :], add_special_tokens=False).input_ids
+    passage = tokenizer(text, add_special_tokens=False).input_ids
     document = torch.tensor([opening + passage[: args.tokens - len(opening)]])
     path = Path(tempfile.mkdtemp()) / "document.nqc"
 

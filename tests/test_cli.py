@@ -1,12 +1,13 @@
 """The nexusquant-cache command: compress a text with a local model folder, inspect the file."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, prefill, prompt_hash
 from nexusquant_cache.cli import build_parser, main
@@ -34,20 +35,41 @@ def test_compress_then_inspect(tmp_path, model_folder, capsys):
     arguments = ["compress", str(text), "-o", str(output), "--model", str(model_folder), "--chunk-size", "64"]
     assert main([*arguments, "--preset", "max", "--recent-window", "8", "--block-size", "8"]) == 0
     progress = capsys.readouterr().err
-    assert "prefill 64/365 tokens (18%)" in progress and "prefill 365/365 tokens (100%)" in progress
-    cache = NexusQuantCache.load(output)
+    assert "prefill 64/364 tokens (18%)" in progress and "prefill 364/364 tokens (100%)" in progress
+    cache = NexusQuantCache.load(output, model=AutoModelForCausalLM.from_pretrained(model_folder))
     expected = NexusQuantConfig.preset("max", recent_window=8, block_size=8)
-    assert cache.config == expected and cache.get_seq_length() == 365  # BOS and 364 characters
-    ids = [1, *(ord(c) - 30 for c in TEXT)]
-    assert cache.prompt == {"sha256": prompt_hash(ids), "length": 365}
+    assert cache.config == expected and cache.get_seq_length() == 364  # the tokenizer adds no BOS: none added
+    # The file says how its prompt ids were built, and following it rebuilds them exactly.
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    rebuilt = tokenizer(Path(text).read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    recipe = cache.prompt.pop("recipe")
+    assert recipe.startswith("tokenizer(Path('book.txt').read_text(encoding='utf-8'), return_tensors='pt').input_ids ")
+    assert hashlib.sha256(TEXT.encode()).hexdigest() in recipe and str(model_folder) in recipe
+    assert cache.prompt == {"sha256": prompt_hash(rebuilt), "length": 364}
+    cache.check_prompt(rebuilt)
+    assert f"prompt ids: {recipe}" in progress
 
     assert main(["inspect", str(output)]) == 0
     report = capsys.readouterr().out
     assert "model_type llama" in report and "num_key_value_heads 2" in report and "head_dim 16" in report
-    assert "365 seen" in report and "ratio" in report and f"{output.stat().st_size:,} bytes" in report
+    assert "364 seen" in report and "ratio" in report and f"{output.stat().st_size:,} bytes" in report
+    assert f"prompt ids      {recipe}" in report
     assert main(["inspect", str(output), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bytes"] == cache.stats()["bytes"] and report["model"]["num_hidden_layers"] == 3
+
+
+def test_compress_checks_the_output_path_before_the_prefill(tmp_path, model_folder, capsys, monkeypatch):
+    import nexusquant_cache.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *args: pytest.fail("the model loaded before the path was checked"))
+    (tmp_path / "t.txt").write_text("hello")
+    for output, says in [
+        (tmp_path / "missing" / "c.nqc", f"-o {tmp_path / 'missing' / 'c.nqc'}: the folder {tmp_path / 'missing'} does not exist"),
+        (tmp_path, f"-o {tmp_path} is a folder; give a file path such as {tmp_path / 'cache.nqc'}"),
+    ]:
+        assert main(["compress", str(tmp_path / "t.txt"), "-o", str(output)]) == 1
+        assert capsys.readouterr().err == f"nexusquant-cache compress: error: {says}\n"
 
 
 def test_chunked_prefill_matches_one_forward_at_full_precision():
@@ -79,8 +101,8 @@ def test_errors_are_one_line_and_exit_1(tmp_path, model_folder, capsys):
     assert "`key_bits` must be one of" in capsys.readouterr().err
     assert main([*arguments, "llama-7b"]) == 1
     assert (
-        "--model must be 'smollm2', 'gemma3', a local model folder or a cached model name, but 'llama-7b'"
-        in capsys.readouterr().err
+        "--model must be 'smollm2', 'gemma3', a local model folder or a cached model name (set HF_HUB_OFFLINE=0 "
+        "to download a model name from the hub), but 'llama-7b' did not load" in capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
         main(["compress", "t.txt", "-o", "c.nqc", "--preset", "huge"])
@@ -88,10 +110,13 @@ def test_errors_are_one_line_and_exit_1(tmp_path, model_folder, capsys):
 
 @pytest.mark.real_model
 def test_compress_with_smollm2(tmp_path, capsys):
-    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen" / "emma.txt"
-    output = tmp_path / "emma.nqc"
+    from nexusquant_cache.eval import builtin_texts
+
+    text = tmp_path / "docs.txt"
+    text.write_text(builtin_texts("python-docs")[0][1][:20_000])
+    output = tmp_path / "docs.nqc"
     arguments = ["compress", str(text), "-o", str(output), "--max-tokens", "300", "--chunk-size", "128"]
-    assert main([*arguments, "--threads", "2", "--key-bits", "2", "--value-bits", "2"]) == 0
+    assert main([*arguments, "--key-bits", "2", "--value-bits", "2"]) == 0
     assert "prefill 300/300 tokens" in capsys.readouterr().err
     assert main(["inspect", str(output)]) == 0
     report = capsys.readouterr().out
@@ -103,15 +128,73 @@ def test_demo_compares_the_two_caches(tmp_path, model_folder, capsys):
     text.write_text(TEXT)
     arguments = ["demo", "--model", str(model_folder), "--text", str(text), "--tokens", "300", "--new-tokens", "6"]
     assert main([*arguments, "--preset", "max"]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     rows = [line for line in table.splitlines() if line.startswith("| DynamicCache") or line.startswith("| NexusQuant")]
-    assert len(rows) == 2 and "| 0.50x |" in rows[0] and "| 100% |" in rows[0]  # float32 DynamicCache
-    ratio = float(rows[1].split("|")[3].split("x")[0])
-    assert ratio > 4  # preset max (K4V2, keep 0.25) on a 300-token prompt, window included
+    dynamic, ours = ([cell.strip() for cell in row.split("|")[1:-1]] for row in rows)
+    assert len(rows) == 2 and dynamic[2:4] == ["1.00x", "0.50x"]  # a float32 DynamicCache: twice a 16-bit one
+    held = [float(row[1].split()[0]) * {"KiB": 1, "MiB": 1024}[row[1].split()[1]] for row in (dynamic, ours)]
+    smaller_than_dynamic, smaller_than_16_bit = (float(cell.removesuffix("x")) for cell in ours[2:4])
+    assert smaller_than_dynamic == pytest.approx(held[0] / held[1], rel=0.02)  # columns agree with each other
+    assert smaller_than_16_bit == pytest.approx(smaller_than_dynamic / 2, rel=0.01)
+    assert smaller_than_16_bit > 4  # preset max (K4V2, keep 0.25) on a 300-token prompt, window included
+    assert "next-token agreement" in table and "The two greedy continuations below agree for their first" in table
+    # The 300 tokens are cut back to the last sentence end (272 characters), so the continuations
+    # do not start mid-word; all but the last prompt token are prefilled, with progress shown.
+    assert table.split("The prompt ends: ...")[1].split("\n")[0].endswith(".")
+    assert "NexusQuantCache max: prefill 271/271 tokens (100%)" in captured.err
 
 
-def test_the_demo_text_ships_with_the_austen_data():
-    from nexusquant_cache.cli import DEMO_TEXT
-    from nexusquant_cache.eval import DEFAULT_TEXT_DIR
+def test_demo_needs_no_files_outside_the_package():
+    from nexusquant_cache.eval import builtin_texts
 
-    assert (DEFAULT_TEXT_DIR / DEMO_TEXT).is_file()
+    for name in ("python-docs", "python-code"):
+        texts = builtin_texts(name)
+        assert texts and all(len(text) >= 60_000 for _, text in texts), name
+    assert build_parser().parse_args(["demo"]).text == "python-docs"
+
+
+def test_options_say_their_allowed_values(capsys):
+    parse = build_parser().parse_args
+    base = ["compress", "t.txt", "-o", "c.nqc"]
+    assert parse([*base, "--token-budget", "none"]).token_budget is None
+    assert parse([*base, "--token-budget", "512"]).token_budget == 512
+    for flag, bad, allowed in [
+        ("--method", "pq", "'e8', 'scalar'"),
+        ("--scorer", "random", "'snapkv', 'h2o', 'keynorm', 'streaming'"),
+        ("--merge", "all", "'off', 'values', 'keys_values'"),
+        ("--dtype", "int8", "'float32', 'bfloat16', 'float16'"),
+        ("--token-budget", "lots", "expected an integer or none"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse([*base, flag, bad])
+        assert allowed in capsys.readouterr().err, flag
+    usages = {}
+    for command in ("compress", "demo"):
+        with pytest.raises(SystemExit):
+            parse([command, "--help"])
+        usages[command] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert "{lossless,compact,balanced,max}" in usages[command] and "a measured operating point" in usages[command]
+    assert "--method {e8,scalar}" in usages["compress"] and "--scorer {snapkv,h2o,keynorm,streaming}" in usages["compress"]
+    assert "the model's dtype" in usages["compress"]
+    assert parse(["demo"]).threads is None  # torch's own choice unless asked
+
+
+def test_a_model_name_not_on_disk_fails_without_touching_the_network(monkeypatch, tmp_path):
+    import socket
+
+    from nexusquant_cache.models import load_model
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("this test has no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="a cached model name .set HF_HUB_OFFLINE=0 to download"):
+        load_model("no-such-org/no-such-model")
+    assert attempts == []

@@ -381,10 +381,8 @@ def test_peak_memory_in_a_fresh_process(tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_small_run(tmp_path):
-    from nexusquant_cache.eval import DEFAULT_TEXT_DIR
     from nexusquant_cache.models import load_model
 
-    assert DEFAULT_TEXT_DIR.is_dir(), f"the Austen texts are missing at {DEFAULT_TEXT_DIR}"
     model, tokenizer = load_model("smollm2")
     results = run_eval(
         model,
@@ -404,3 +402,31 @@ def test_smollm2_small_run(tmp_path):
     assert held["check"] and held["baseline_check"] and held["ratio"] > 2 and kl["value"] > 0
     assert 5 < by(records, "perplexity", "reference")["value"] < 200
     assert by(records, "passkey", "DynamicCache")["value"] in (0.0, 1.0)
+
+
+def test_an_interrupted_run_keeps_the_metrics_that_finished(book, llama, tmp_path, monkeypatch):
+    import nexusquant_cache.eval.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "copy_recall", interrupted)
+    arguments = dict(text=book, windows=1, context=64, score=8, chunk=8, output_dir=tmp_path, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(llama, CharTokenizer(), ["dynamic"], metrics=["perplexity", "copy_recall"], **arguments)
+    meta, records = load_results(tmp_path / "results.json")
+    assert meta["complete"] is False and {r["metric"] for r in records} >= {"perplexity", "kl", "bytes"}
+    assert "| DynamicCache |" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.glob("*.png"))  # plots come with the complete run
+
+
+def test_builtin_texts_are_prose_and_code_every_python_has():
+    from nexusquant_cache.eval import builtin_texts, read_texts
+
+    [(name, prose)] = read_texts(None)
+    assert name == "python-docs" and "The \"assert\" statement" in prose and len(prose) > 300_000
+    code = dict(read_texts("python-code"))
+    assert {"argparse.py", "typing.py"} <= set(code) and all(len(text) >= 60_000 for text in code.values())
+    assert "def " in code["argparse.py"] and read_texts("python-code") == builtin_texts("python-code")
+    with pytest.raises(ValueError, match=r"allowed: \['python-docs', 'python-code'\]"):
+        builtin_texts("austen")

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,36 @@ def test_layer_overrides_load_without_a_model(tmp_path):
     loaded = NexusQuantCache.load(tmp_path / "c.nqc")
     assert [layer.key_stream.bits for layer in loaded.layers] == [2, 16, 16]
     assert torch.equal(continue_from(model, ids, loaded)[1], continue_from(model, ids, cache)[1])
+
+
+def test_what_a_cache_cannot_do_without_the_model_is_said(tmp_path):
+    model, ids, cache = build()  # snapkv scores with the model's queries
+    cache.save(tmp_path / "c.nqc")
+    said = r"without `model=`: the file is not checked against the model .*scorer 'snapkv' falls back to 'keynorm'"
+    with pytest.warns(UserWarning, match=said):
+        assert NexusQuantCache.load(tmp_path / "c.nqc").scorer == "keynorm"
+    with pytest.warns(UserWarning, match="scorer 'snapkv' needs the model's queries: pass `model=`"):
+        assert NexusQuantCache(CONFIGS["evict-snapkv-centred"]).scorer == "keynorm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is missing here
+        NexusQuantCache.load(tmp_path / "c.nqc", model=model)
+        NexusQuantCache(CONFIGS["evict-keynorm"])
+        NexusQuantCache(CONFIGS["16-bit"])
+
+
+def test_saving_into_a_missing_folder_names_the_file_asked_for(tmp_path):
+    _, _, cache = build()
+    target = tmp_path / "missing" / "c.nqc"
+    with pytest.raises(FileNotFoundError, match=f"cannot write {re.escape(str(target))}: No such file"):
+        cache.save(target)
+
+
+def test_a_prompt_recipe_is_kept_and_checked(tmp_path):
+    _, ids, cache = build()
+    cache.save(tmp_path / "c.nqc", prompt_ids=ids, prompt_recipe="ids = prompt(batch=2, length=40)")
+    assert cache_io.read(tmp_path / "c.nqc").prompt["recipe"] == "ids = prompt(batch=2, length=40)"
+    with pytest.raises(ValueError, match="`prompt_recipe` must be a string and needs `prompt_ids`"):
+        cache.save(tmp_path / "d.nqc", prompt_recipe="no ids")
 
 
 def test_prompt_hash_checks_the_prefix(tmp_path):
@@ -411,24 +443,21 @@ def test_an_interrupted_save_keeps_the_previous_file(tmp_path, saved, monkeypatc
 
 # ---- a real model -----------------------------------------------------------------------------
 
-AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
-
-
 @pytest.mark.real_model
 def test_smollm2_round_trip_and_file_size(tmp_path):
-    """1k tokens of Persuasion with the `max` preset (eviction by snapkv): the file is the cache's
+    """1k tokens of prose with the `max` preset (eviction by snapkv): the file is the cache's
     bytes plus under 2%, and the continuation after loading is the in-memory one."""
+    from nexusquant_cache.eval import builtin_texts
     from nexusquant_cache.models import load_smollm2
 
-    torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
-    text = (AUSTEN / "persuasion.txt").read_text()[30_000:40_000]
+    text = builtin_texts("python-docs")[0][1][30_000:40_000]
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text).input_ids[:1023]]])
-    question = tokenizer("\n\nWho is the story about?", return_tensors="pt").input_ids
+    question = tokenizer("\n\nWhat is this text about?", return_tensors="pt").input_ids
     cache = NexusQuantCache(NexusQuantConfig.preset("max"), model=model)
     with torch.no_grad():
         model(ids, cache=cache)
-    path = tmp_path / "persuasion.nqc"
+    path = tmp_path / "prose.nqc"
     cache.save(path, prompt_ids=ids)
     total = cache.stats()["bytes"]["total"]
     assert total < path.stat().st_size < 1.02 * total  # measured: +1.6%, a 30 kB header

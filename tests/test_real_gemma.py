@@ -1,16 +1,14 @@
-"""Gemma-3-270m (15 sliding-window layers, 3 global ones) on Jane Austen through the compressed cache."""
-
-from pathlib import Path
+"""Gemma-3-270m (15 sliding-window layers, 3 global ones) on English prose through the compressed cache."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
+from nexusquant_cache.eval import builtin_texts
 
 pytestmark = pytest.mark.real_model
 
-AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
 PREFIX, CONTINUATION = 768, 128
 
 
@@ -19,7 +17,7 @@ def gemma():
     from nexusquant_cache.models import load_gemma3_270m
 
     model, tokenizer = load_gemma3_270m()
-    text = (AUSTEN / "persuasion.txt").read_text()[30_000:60_000]
+    text = builtin_texts("python-docs")[0][1][100_000:130_000]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : PREFIX + CONTINUATION - 1]
     return model, torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
 
@@ -43,9 +41,9 @@ def test_hybrid_model_through_the_compressed_cache(gemma):
         kls[center] = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
         torch.testing.assert_close(logprobs[:, 0], reference[:, 0], atol=1e-4, rtol=0)  # prefill untouched
         stats = cache.stats()  # settles every layer
-        assert stats["tokens_stored"] == ids.shape[1] - 1 and stats["ratio"] > 2.5  # measured 2.85
+        assert stats["tokens_stored"] == ids.shape[1] - 1 and stats["ratio"] > 2.5  # measured 3.37-3.38
         sliding = [layer for layer in cache.layers if layer.is_sliding]
         assert len(sliding) == 15 and all(layer.key_stream.length == 511 for layer in sliding)
         assert all(layer.key_stream.old.bits == 4 for layer in cache.layers)  # sliding layers quantized too
-    # measured: 0.025 plain, 0.008 centred (Gemma's keys carry large channel offsets)
+    # measured: 0.043 plain, 0.010 centred (Gemma's keys carry large channel offsets)
     assert kls[True] < 0.02 and kls[True] < 0.6 * kls[False]

@@ -69,6 +69,12 @@ class NexusQuantCache(Cache):
         wants_queries = config.evicts and config.scorer in ATTENTION_SCORERS
         # Query capture needs the model; a failed switch is known only once tried (below).
         scorer = config.scorer if model is not None or not wants_queries else "keynorm"
+        if scorer != config.scorer:
+            warnings.warn(
+                f"scorer {config.scorer!r} needs the model's queries: pass `model=` to NexusQuantCache; "
+                "without it tokens are evicted by key norm ('keynorm'), which loses more quality",
+                stacklevel=2,
+            )
         model_config = model.config if model is not None else model_config
         self.fingerprint = None
         if model_config is not None:
@@ -123,7 +129,7 @@ class NexusQuantCache(Cache):
             "ratio": baseline / total if total else 1.0,
         }
 
-    def save(self, path: str | os.PathLike, prompt_ids=None) -> None:
+    def save(self, path: str | os.PathLike, prompt_ids=None, prompt_recipe: str | None = None) -> None:
         """Write the cache to ``path``: one safetensors file holding every tensor the cache holds
         (its size is ``stats()["bytes"]["total"]`` plus a small header), the config, the model's
         fingerprint and, given ``prompt_ids``, a hash of the prompt.
@@ -135,6 +141,8 @@ class NexusQuantCache(Cache):
             prompt_ids: the token ids the cache has seen, [T] or [batch, T] (longer ids are
                 fine: their first ``get_seq_length()`` tokens are hashed). A loaded cache can then
                 check that a new input starts with them (:meth:`check_prompt`).
+            prompt_recipe: with ``prompt_ids``, a line saying how to rebuild them (the text and the
+                tokenizer call), so whoever loads the file can rebuild the ids it checks against.
         """
         seen = self.get_seq_length() if self.layers else 0
         if seen == 0:
@@ -143,8 +151,12 @@ class NexusQuantCache(Cache):
         for layer in self.layers:
             tensors, state = layer.state_tensors()
             layers.append(io.LayerRecord(layer.sliding_window, state, tensors))
+        if prompt_recipe is not None and (prompt_ids is None or not isinstance(prompt_recipe, str)):
+            raise ValueError("`prompt_recipe` must be a string and needs `prompt_ids`")
         if prompt_ids is not None:
             self.prompt = _prompt_record(prompt_ids, seen, self.layers[0].key_stream.recent.shape[0])
+            if prompt_recipe is not None:
+                self.prompt["recipe"] = prompt_recipe
         shape = self.layers[0].key_stream.recent.shape
         # Without the model's config, the file still pins what its tensors imply.
         fingerprint = self.fingerprint or dict(
@@ -188,8 +200,16 @@ class NexusQuantCache(Cache):
                     f"but the model has {model_windows}"
                 )
         else:
+            fallback = config.evicts and config.scorer in ATTENTION_SCORERS
+            warnings.warn(
+                f"NexusQuantCache.load({str(path)!r}) without `model=`: the file is not checked against the "
+                "model that will use it" + (f", and scorer {config.scorer!r} falls back to 'keynorm'" if fallback else ""),
+                stacklevel=2,
+            )
             # The layer count is in the file, so per-layer overrides need no model here.
-            cache = cls(dataclasses.replace(config, layer_overrides={}))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the constructor's scorer warning: said above
+                cache = cls(dataclasses.replace(config, layer_overrides={}))
             cache.config, cache.layer_class_to_replicate, cache.fingerprint = config, None, contents.model
             cache.layers = [
                 NexusQuantLayer(config.for_layer(index, len(records)), cache.scorer, record.sliding_window)

@@ -13,22 +13,37 @@ lives in the ``eval`` package).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .cache import NexusQuantCache, prefill
-from .config import PRESETS, NexusQuantConfig
+from .codec import Method
+from .config import MERGES, PRESETS, SCORERS, NexusQuantConfig
 from .io import FORMAT_VERSION
 from .models import load_model
 
 __all__ = ["build_parser", "main"]
 
-DEMO_TEXT = "prideprejudice.txt"  # in the Austen folder (eval.data.DEFAULT_TEXT_DIR)
+DTYPES = ("float32", "bfloat16", "float16")
+# Config fields whose values come from a fixed list.
+_FIELD_CHOICES = {"method": [m.value for m in Method], "scorer": list(SCORERS), "merge": list(MERGES)}
+
+MODEL_HELP = "smollm2, gemma3 (installed from PyPI, see README), or a local model folder"
+THREADS_HELP = "torch CPU threads (default: torch's choice)"
+PRESET_HELP = (
+    "a measured operating point: lossless (K4V4), compact (K4V2), balanced (K4V4, keep half the "
+    "tokens), max (K4V2, keep a quarter); see docs/cache.md"
+)
 
 
 def config_from(args: argparse.Namespace) -> NexusQuantConfig:
@@ -38,44 +53,70 @@ def config_from(args: argparse.Namespace) -> NexusQuantConfig:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    _check_writable(output)  # before minutes of prefill, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from(args)
-    text = Path(args.text).read_text(encoding="utf-8")
-    model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[0, 0] != bos:  # a document starts a text, as in training
-        ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+    text_file = Path(args.text)
+    text = text_file.read_text(encoding="utf-8")
+    model, tokenizer = load_model(args.model, args.dtype)
+    ids = tokenizer(text, return_tensors="pt").input_ids  # the tokenizer's own special tokens, nothing added
     if args.max_tokens:
         ids = ids[:, : args.max_tokens]
+    # How to rebuild the ids a loaded cache checks its prompt against, stored in the file.
+    recipe = (
+        f"tokenizer(Path({text_file.name!r}).read_text(encoding='utf-8'), return_tensors='pt').input_ids"
+        + (f"[:, :{args.max_tokens}]" if args.max_tokens else "")
+        + f" with the tokenizer of --model {args.model}; text sha256 {hashlib.sha256(text.encode()).hexdigest()}"
+    )
     cache = NexusQuantCache(config, model=model)
     started = time.perf_counter()
-    ending = "\r" if sys.stderr.isatty() else "\n"
-
-    def progress(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - started
-        rate = done / elapsed
-        print(
-            f"prefill {done}/{total} tokens ({100 * done / total:.0f}%), {elapsed:.1f} s, {rate:.0f} tokens/s",
-            end=ending,
-            file=sys.stderr,
-            flush=True,
-        )
-
-    prefill(model, ids.to(model.device), cache, args.chunk_size, progress)
-    cache.save(args.output, prompt_ids=ids)
+    prefill(model, ids.to(model.device), cache, args.chunk_size, _progress("prefill"))
+    cache.save(output, prompt_ids=ids, prompt_recipe=recipe)
     stats = cache.stats()
     print(
-        f"\n{args.output}: {ids.shape[1]} tokens, {Path(args.output).stat().st_size:,} bytes "
-        f"({stats['ratio']:.2f}x smaller than a 16-bit cache) in {time.perf_counter() - started:.1f} s",
+        f"{output}: {ids.shape[1]} tokens, {output.stat().st_size:,} bytes "
+        f"({stats['ratio']:.2f}x smaller than a 16-bit cache) in {time.perf_counter() - started:.1f} s\n"
+        f"prompt ids: {recipe}",
         file=sys.stderr,
     )
     return 0
 
 
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"-o {path} is a folder; give a file path such as {path / 'cache.nqc'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"-o {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {path}: the folder {folder} is not writable")
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (the results go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    """A ``prefill`` progress callback printing ``label done/total tokens`` on stderr (one line
+    per chunk, or one overwritten line on a terminal)."""
+    started = time.perf_counter()
+    ending = "\r" if sys.stderr.isatty() else "\n"
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        line = f"{label} {done}/{total} tokens ({100 * done / total:.0f}%), {elapsed:.1f} s, {done / elapsed:.0f} tokens/s"
+        print(line, end="\n" if done == total else ending, file=sys.stderr, flush=True)
+
+    return report
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    cache = NexusQuantCache.load(args.file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no model to check against: inspect only describes the file
+        cache = NexusQuantCache.load(args.file)
     stats = cache.stats()
     report = {
         "file": str(args.file),
@@ -100,6 +141,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"tokens          {stats['tokens_seen']} seen, {stats['tokens_stored']} stored per full-attention layer")
     prompt = cache.prompt
     print("prompt sha256   " + (f"{prompt['sha256']} ({prompt['length']} tokens)" if prompt else "not recorded"))
+    if prompt and prompt.get("recipe"):
+        print(f"prompt ids      {prompt['recipe']}")
     print("config          " + ", ".join(f"{key}={value}" for key, value in report["config"].items()))
     parts = stats["bytes"]
     print("bytes           " + ", ".join(f"{part} {size:,}" for part, size in parts.items()))
@@ -108,46 +151,88 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The first five minutes: one long Austen prompt, continued with and without compression."""
+    """The first five minutes: a long prompt continued with a DynamicCache and a NexusQuantCache;
+    bytes, speed and how far the compressed cache moves the model's predictions."""
     from transformers import DynamicCache
 
-    from .eval.data import DEFAULT_TEXT_DIR
+    from .eval.data import read_texts, sentence_end
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, torch.float32)
-    text = Path(args.text or DEFAULT_TEXT_DIR / DEMO_TEXT).read_text(encoding="utf-8")
-    ids = tokenizer(text[text.find("It is a truth") :] if "It is a truth" in text else text, return_tensors="pt")
-    ids = ids.input_ids[:, : args.tokens]
-    print(f"{args.model}: a {ids.shape[1]}-token prompt from {Path(args.text or 'Pride and Prejudice').name}, "
-          f"{args.new_tokens} new tokens, greedy", file=sys.stderr)  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = NexusQuantConfig.preset(args.preset)
-    rows = []
-    for name, cache in [("DynamicCache", DynamicCache(config=model.config)),
-                        (f"NexusQuantCache {args.preset}", NexusQuantCache(config, model=model))]:  # fmt: skip
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        prefill(model, ids[:, :-1], cache, chunk_size=512)
-        prefill_s = time.perf_counter() - started
-        started = time.perf_counter()
-        out = model.generate(ids, cache=cache, max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=1)
-        decode_s = time.perf_counter() - started
-        if isinstance(cache, NexusQuantCache):
-            stats = cache.stats()
-            held, baseline = stats["bytes"]["total"], stats["baseline_bytes"]
-        else:
-            held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-            baseline = held * 2 // model.dtype.itemsize  # the 16-bit cache of the same tokens
-        rows.append((name, out[0, ids.shape[1] :], held, baseline, prefill_s, out.shape[1] - ids.shape[1], decode_s))
-    reference = rows[0][1]
-    mib = 1 << 20
-    print("| cache | KV memory held | ratio vs a 16-bit cache | prefill | decode | tokens equal to uncompressed |")
+    say(f"loading {args.model} (the first run converts the GGUF weights once, about 30 s) ...")
+    model, tokenizer = load_model(args.model, torch.float32)
+    name, text = read_texts(args.text)[0]
+    ids = tokenizer(text, add_special_tokens=False).input_ids[: args.tokens]
+    ids = torch.tensor([ids[: sentence_end(tokenizer, ids, len(ids), reach=256)]])  # end on a full sentence
+    length = ids.shape[1]
+    say(
+        f"prompt: the first {length} tokens of {name}; the model continues it for {args.new_tokens} tokens "
+        f"(greedy), first with transformers' DynamicCache, then with NexusQuantCache preset {args.preset!r}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        saved = Path(folder) / "prompt.nqc"
+        rows = []
+        for label, cache in [("DynamicCache", DynamicCache(config=model.config)),
+                             (f"NexusQuantCache {args.preset}", NexusQuantCache(config, model=model))]:  # fmt: skip
+            started = time.perf_counter()
+            prefill(model, ids[:, :-1], cache, 512, _progress(f"{label}: prefill"))
+            prefill_s = time.perf_counter() - started
+            if isinstance(cache, NexusQuantCache):
+                cache.save(saved, prompt_ids=ids)  # the prompt, prefilled once, reusable from this file
+                stats = cache.stats()
+                held, baseline = stats["bytes"]["total"], stats["baseline_bytes"]
+            else:
+                held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+                baseline = held * 2 // model.dtype.itemsize  # the 16-bit cache of the same tokens
+            say(f"{label}: generating {args.new_tokens} tokens ...")
+            started = time.perf_counter()
+            out = model.generate(
+                ids, cache=cache, max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=1,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+            decode_s = time.perf_counter() - started
+            new = out.sequences[0, length:]
+            rows.append((label, new, held, baseline, prefill_s, len(new) / decode_s, torch.cat(out.logits)))
+        reference, reference_logits = rows[0][1], rows[0][6]
+        # The compressed cache predicting the uncompressed continuation, token by token.
+        loaded = NexusQuantCache.load(saved, model=model, prompt_ids=ids)
+        forced = torch.cat([ids[:, -1:], reference[None, :-1]], dim=1)
+        positions = torch.arange(length - 1, length - 1 + forced.shape[1])[None]
+        with torch.inference_mode():
+            logits = model(forced, cache=loaded, position_ids=positions).logits[0]
+        file_bytes = saved.stat().st_size
+    agreement = (logits.argmax(-1) == reference).float().mean().item()
+    ours, theirs = logits.log_softmax(-1), reference_logits.log_softmax(-1)
+    picked = reference[:, None]
+    perplexity_change = (theirs.gather(-1, picked) - ours.gather(-1, picked)).mean().exp().item() - 1
+    kl = (theirs.exp() * (theirs - ours)).sum(-1).mean().item()
+
+    dynamic_held = rows[0][2]
+    print("| cache | KV cache held | smaller than this DynamicCache | smaller than a 16-bit cache | prefill | decode |")
     print("|---|---|---|---|---|---|")
-    for name, tokens, held, baseline, prefill_s, count, decode_s in rows:
-        same = (tokens[: len(reference)] == reference[: len(tokens)]).float().mean().item()
-        print(f"| {name} | {held / mib:.2f} MiB | {baseline / held:.2f}x | {prefill_s:.1f} s | "
-              f"{count / decode_s:.1f} tokens/s | {100 * same:.0f}% |")  # fmt: skip
-    for name, tokens, *_ in rows:
-        print(f"\n{name}:\n...{tokenizer.decode(tokens, skip_special_tokens=True)}")
+    for label, _, held, baseline, prefill_s, speed, _ in rows:
+        print(f"| {label} | {_size(held)} | {dynamic_held / held:.2f}x | {baseline / held:.2f}x | "
+              f"{prefill_s:.1f} s | {speed:.1f} tokens/s |")  # fmt: skip
+    print(
+        "\nThe model runs in float32, so this DynamicCache holds 32-bit numbers; a 16-bit cache (a bfloat16\n"
+        "model's) is half its size and is what docs/results.md compares against. The compressed prompt,\n"
+        f"saved to a file and loaded back for the next lines, takes {_size(file_bytes)} on disk."
+    )
+    same = int((rows[1][1][: len(reference)] == reference[: len(rows[1][1])]).cumprod(0).sum())
+    print(
+        f"\nQuality: the uncompressed model's own {len(reference)}-token continuation, fed token by token to the\n"
+        f"compressed cache: next-token agreement {100 * agreement:.0f}%, perplexity change "
+        f"{100 * perplexity_change:+.1f}%, KL {kl:.3f} nats per token."
+    )
+    print(
+        f"\nThe two greedy continuations below agree for their first {same} token{'s' * (same != 1)}. Greedy\n"
+        "decoding follows any one different choice into a different text, so later tokens can differ even\n"
+        "when both read well."
+    )
+    print(f"\nThe prompt ends: ...{tokenizer.decode(ids[0, -40:], skip_special_tokens=True)}")
+    for label, tokens, *_ in rows:
+        print(f"\n{label} continues:\n{tokenizer.decode(tokens, skip_special_tokens=True)}")
     return 0
 
 
@@ -163,13 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="prefill a text file with a model and save the cache")
     compress.add_argument("text", help="a UTF-8 text file: the prompt")
     compress.add_argument("-o", "--output", required=True, help="where to write the cache (e.g. book.nqc)")
-    compress.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a local model folder")
-    compress.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    compress.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    compress.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's dtype (default float32)")
     compress.add_argument("--max-tokens", type=int, help="keep only the first N tokens of the text")
     compress.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per forward (default 512)")
-    compress.add_argument("--threads", type=int, help="torch CPU threads")
+    compress.add_argument("--threads", type=int, help=THREADS_HELP)
     options = compress.add_argument_group("cache configuration (a preset and/or fields; see docs/cache.md)")
-    options.add_argument("--preset", choices=list(PRESETS), help="start from a measured operating point")
+    options.add_argument("--preset", choices=list(PRESETS), help=PRESET_HELP)
     for field in fields(NexusQuantConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not MISSING else field.default_factory()
@@ -177,18 +262,27 @@ def build_parser() -> argparse.ArgumentParser:
             options.add_argument(flag, type=_boolean, metavar="true|false", help=f"(default {default})")
         elif isinstance(default, dict):
             options.add_argument(flag, type=json.loads, metavar="JSON", help='e.g. \'{"0": {"key_bits": 16}}\'')
+        elif field.name == "token_budget":
+            options.add_argument(flag, type=_int_or_none, metavar="N|none", help="(default none: no cap)")
+        elif field.name in _FIELD_CHOICES:
+            options.add_argument(flag, choices=_FIELD_CHOICES[field.name], help=f"(default {default})")
         else:
-            kind = int if default is None else type(default)  # token_budget: an int or none
-            options.add_argument(flag, type=kind, help=f"(default {default})")
+            options.add_argument(flag, type=type(default), help=f"(default {default})")
     compress.set_defaults(run=_compress)
 
-    demo = commands.add_parser("demo", help="compress a long Austen prompt and continue it, with and without")
-    demo.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a local model folder")
-    demo.add_argument("--text", help="a UTF-8 text file (default: Pride and Prejudice)")
-    demo.add_argument("--tokens", type=int, default=4096, help="prompt tokens (default 4096)")
+    demo = commands.add_parser(
+        "demo", help="continue a long prompt with and without compression: bytes, speed, quality side by side"
+    )
+    demo.add_argument("--model", default="smollm2", help=MODEL_HELP)
+    demo.add_argument(
+        "--text",
+        default="python-docs",
+        help="a UTF-8 text file, or a text every Python has: python-docs (prose, the default) or python-code",
+    )
+    demo.add_argument("--tokens", type=int, default=4096, help="prompt tokens at most (default 4096)")
     demo.add_argument("--new-tokens", type=int, default=48, help="tokens to generate (default 48)")
-    demo.add_argument("--preset", choices=list(PRESETS), default="balanced")
-    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    demo.add_argument("--preset", choices=list(PRESETS), default="balanced", help=PRESET_HELP + " (default balanced)")
+    demo.add_argument("--threads", type=int, help=THREADS_HELP)
     demo.set_defaults(run=_demo)
 
     from . import eval as evaluation  # late: the harness is not needed by the other commands
@@ -197,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("eval", help="quality, bytes, memory and speed of KV compressors side by side")
     ).set_defaults(run=evaluation.main)
     return parser
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 20):.2f} MiB" if count >= 1 << 20 else f"{count / 1024:.1f} KiB"
+
+
+def _int_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, not {text!r}") from None
 
 
 def _boolean(text: str) -> bool:

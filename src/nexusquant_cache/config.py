@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from .codec import SUPPORTED_BITS, Method
 
-__all__ = ["NexusQuantConfig", "PRESETS", "SCORERS"]
+__all__ = ["MERGES", "NexusQuantConfig", "PRESETS", "SCORERS"]
 
 CACHE_BITS = (*SUPPORTED_BITS, 16)  # 16: keep that side at full precision
 # Token importance for eviction; see scoring.py.

@@ -219,7 +219,10 @@ def _checksum(metadata: dict[str, str], tensors: dict[str, Tensor]) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # name the file asked for, not the temporary one
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror} ({path.parent})") from None
     try:
         with os.fdopen(handle, "wb") as file:
             os.fchmod(file.fileno(), 0o644)  # mkstemp's 0o600 would surprise whoever shares the file
@@ -249,6 +252,8 @@ def _parse(header: dict, tensors: dict[str, Tensor]) -> CacheFile:
         digest, length = _field(prompt, "sha256", str), _field(prompt, "length", int)
         if not re.fullmatch(r"[0-9a-f]{64}", digest) or length != tokens_seen:
             raise ValueError(f"'prompt' must hold a sha256 of the {tokens_seen} tokens seen but is {prompt}")
+        if "recipe" in prompt:  # how the ids were built (optional)
+            _field(prompt, "recipe", str)
     layers = []
     for index, record in enumerate(_field(header, "layers", list)):
         kind, window = _field(record, "type", str), _field(record, "sliding_window", int, optional=True)

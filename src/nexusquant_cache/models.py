@@ -22,10 +22,8 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
-
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -61,9 +59,13 @@ def _snapshot(name: str, locate_gguf: Callable[[Path], Path]) -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE_DIR) as scratch:
         gguf = locate_gguf(Path(scratch))
         build = Path(scratch) / "snapshot"
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(build)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True).save_pretrained(build)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            local_files_only=True,
         )
         model.save_pretrained(build)
         try:
@@ -75,8 +77,8 @@ def _snapshot(name: str, locate_gguf: Callable[[Path], Path]) -> Path:
 
 
 def _load(snapshot: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(snapshot)
-    model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(snapshot, dtype=dtype, local_files_only=True)
     return model.eval(), tokenizer
 
 
@@ -100,7 +102,9 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMode
 
 def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: bool = True):
     """``(model, tokenizer)``: ``smollm2`` or ``gemma3`` (offline, see models.py), a local model
-    folder, or a transformers model name (from the local Hugging Face cache when offline).
+    folder, or a transformers model name from the local Hugging Face cache. The hub is asked
+    only when the environment sets ``HF_HUB_OFFLINE=0``: by default a missing name fails at once
+    instead of retrying a network that may not be there.
     ``tokenizer=False`` skips loading a folder's tokenizer (None is returned for it)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype):
@@ -109,11 +113,13 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: boo
         return load_smollm2(dtype)
     if source == "gemma3":
         return load_gemma3_270m(dtype)
+    local_only = os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-        return model, AutoTokenizer.from_pretrained(source) if tokenizer else None
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only).eval()
+        return model, AutoTokenizer.from_pretrained(source, local_files_only=local_only) if tokenizer else None
     except OSError as error:
+        hub = " (set HF_HUB_OFFLINE=0 to download a model name from the hub)" if local_only else ""
         raise ValueError(
-            f"--model must be 'smollm2', 'gemma3', a local model folder or a cached model name, but "
+            f"--model must be 'smollm2', 'gemma3', a local model folder or a cached model name{hub}, but "
             f"{source!r} did not load: {error}"
         ) from None

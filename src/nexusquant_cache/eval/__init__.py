@@ -6,7 +6,16 @@
 See docs/eval.md for what each metric measures exactly.
 """
 
-from .data import COMMON_WORDS, DEFAULT_TEXT_DIR, copy_prompt, passkey_prompt, read_texts, spread_windows
+from .data import (
+    BUILTIN_TEXTS,
+    COMMON_WORDS,
+    DEFAULT_TEXT,
+    builtin_texts,
+    copy_prompt,
+    passkey_prompt,
+    read_texts,
+    spread_windows,
+)
 from .efficiency import peak_memory, speed
 from .methods import (
     DEFAULT_METHODS,
@@ -24,13 +33,15 @@ from .report import load_results, markdown, plot, save_results
 from .runner import METRICS, EvalResults, add_arguments, main, run_eval
 
 __all__ = [
+    "BUILTIN_TEXTS",
     "COMMON_WORDS",
     "DEFAULT_METHODS",
-    "DEFAULT_TEXT_DIR",
+    "DEFAULT_TEXT",
     "METRICS",
     "EvalResults",
     "Method",
     "add_arguments",
+    "builtin_texts",
     "cache_bytes",
     "copy_prompt",
     "copy_recall",

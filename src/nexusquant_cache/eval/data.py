@@ -1,8 +1,10 @@
 """Text for the evaluation: windows spread through a set of books, filler for the retrieval
 prompts, and the prompts themselves (copy recall, pass key).
 
-Defaults to Jane Austen's six novels in ``shared/data/austen`` beside the repository; any UTF-8
-text file, or a folder of ``*.txt`` files, works. Tokenizers need only ``tokenizer(text,
+Texts need no download: every Python installation has English prose (``"python-docs"``: the
+language reference and library topics that ``help()`` shows, from ``pydoc_data``) and code
+(``"python-code"``: the standard library's largest modules). Any UTF-8 text file, or a folder of
+``*.txt`` files, works too. Tokenizers need only ``tokenizer(text,
 add_special_tokens=False)["input_ids"]``, ``convert_ids_to_tokens`` and the usual special-token
 attributes, so a tokenizer of one's own works as well as a transformers one.
 """
@@ -10,26 +12,33 @@ attributes, so a tokenizer of one's own works as well as a transformers one.
 from __future__ import annotations
 
 import random
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "BUILTIN_TEXTS",
     "COMMON_WORDS",
-    "DEFAULT_TEXT_DIR",
+    "DEFAULT_TEXT",
     "Prompt",
+    "builtin_texts",
     "copy_prompt",
     "document_start_id",
     "encode",
     "passkey_prompt",
     "random_span",
     "read_texts",
+    "sentence_end",
     "spread_windows",
 ]
 
-# src/nexusquant_cache/eval/data.py -> the folder that holds the repository
-DEFAULT_TEXT_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "austen"
+BUILTIN_TEXTS = ("python-docs", "python-code")
+DEFAULT_TEXT = "python-docs"
+# Standard-library modules at least this long (characters) make up "python-code": about 20 of
+# them, each long enough for an 8k-token window.
+_CODE_MODULE_CHARS = 60_000
 # Plain, frequent English words: a planted span of them is neither rare nor predictable.
 COMMON_WORDS = tuple(
     """time year people way day man thing woman life child world school state family student group
@@ -50,10 +59,33 @@ COMMON_WORDS = tuple(
 )
 
 
+def builtin_texts(name: str) -> list[tuple[str, str]]:
+    """``[(name, text)]`` of a text every Python installation has (see :data:`BUILTIN_TEXTS`):
+
+    - ``"python-docs"``: English prose, the ~80 topics of the language reference and library
+      documentation that ``help()`` shows (``pydoc_data.topics``), joined in name order into one
+      document of about 110k SmolLM2 tokens;
+    - ``"python-code"``: Python source, every standard-library module of at least 60,000
+      characters (``argparse.py``, ``typing.py``, ...), one document each.
+
+    The texts are those of the running Python, so they differ slightly between Python versions."""
+    if name == "python-docs":
+        from pydoc_data.topics import topics
+
+        return [("python-docs", "\n\n".join(topics[key].strip() for key in sorted(topics)))]
+    if name == "python-code":
+        folder = Path(sysconfig.get_paths()["stdlib"])
+        modules = [(path.name, path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.py"))]
+        return [(file, text) for file, text in modules if len(text) >= _CODE_MODULE_CHARS]
+    raise ValueError(f"unknown built-in text {name!r}; allowed: {list(BUILTIN_TEXTS)}")
+
+
 def read_texts(source: str | Path | None = None) -> list[tuple[str, str]]:
-    """``[(name, text)]`` of a UTF-8 text file, or of every ``*.txt`` in a folder (sorted);
-    ``None``: the Austen novels."""
-    path = Path(DEFAULT_TEXT_DIR if source is None else source)
+    """``[(name, text)]`` of a built-in text (:func:`builtin_texts`; ``None``: ``"python-docs"``),
+    a UTF-8 text file, or every ``*.txt`` in a folder (sorted)."""
+    if source is None or str(source) in BUILTIN_TEXTS:
+        return builtin_texts(str(source or DEFAULT_TEXT))
+    path = Path(source)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
@@ -61,7 +93,10 @@ def read_texts(source: str | Path | None = None) -> list[tuple[str, str]]:
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"text source {str(path)!r} is neither a file nor a folder")
+        raise ValueError(
+            f"text source {str(path)!r} is neither a file nor a folder nor one of the built-in texts "
+            f"{list(BUILTIN_TEXTS)}"
+        )
     return [(file.name, file.read_text(encoding="utf-8")) for file in files]
 
 
@@ -163,11 +198,11 @@ def _plant(filler: list[int], planted: list[int], depth: float, context: int, to
         )
     cut = min(max(1, round(depth * room)), room)
     if tokenizer is not None:
-        cut = _sentence_end(tokenizer, filler, cut)
+        cut = sentence_end(tokenizer, filler, cut)
     return filler[:cut] + planted + filler[cut:room], cut
 
 
-def _sentence_end(tokenizer, ids: list[int], cut: int, reach: int = 64) -> int:
+def sentence_end(tokenizer, ids: list[int], cut: int, reach: int = 64) -> int:
     """The position just after the last sentence end (a token with '.' or a newline) at or
     before ``cut``, within ``reach`` tokens; ``cut`` itself if there is none."""
     tokens = tokenizer.convert_ids_to_tokens(ids[max(1, cut - reach) : cut])

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .data import DEFAULT_TEXT_DIR, document_start_id, read_texts, spread_windows
+from .data import BUILTIN_TEXTS, DEFAULT_TEXT, document_start_id, read_texts, spread_windows
 from .efficiency import peak_memory, speed
 from .methods import DEFAULT_METHODS, Method, dynamic, parse_method
 from .quality import copy_recall, passkey, perplexity_kl
@@ -86,14 +86,17 @@ def run_eval(
         methods: :class:`Method` objects or spec strings (``"dynamic"``, ``"nq:preset=max"``,
             ``"quanto:2"``; see :func:`parse_method`). DynamicCache is added first when absent:
             every ratio is against it.
-        text: a UTF-8 text file or a folder of them (default: the Austen novels).
+        text: a UTF-8 text file, a folder of them, or a built-in text (``"python-docs"``,
+            ``"python-code"``; see :func:`~nexusquant_cache.eval.data.builtin_texts`; None: python-docs).
         metrics: any of ``"perplexity"`` (perplexity, KL and bytes held over ``windows``
             windows of ``context`` tokens, the last ``score`` scored), ``"copy_recall"``,
             ``"passkey"``, ``"speed"`` (on the first window, then ``decode_tokens`` decoded)
             and ``"memory"`` (peak process memory; needs ``model_source``, the name or folder
             the measuring processes load the model from).
         model_name: how records name the model (default: ``model_source`` or the model type).
-        output_dir: where to write results.json, results.md and the plots (None: nowhere).
+        output_dir: where to write results.json, results.md and the plots (None: nowhere). The
+            JSON and markdown are rewritten after each metric, so an interrupted run keeps what
+            finished; ``meta["complete"]`` is True once every metric ran (the plots come last).
         progress: progress lines on stderr.
 
     Returns the records, also written to ``output_dir`` when given.
@@ -108,42 +111,10 @@ def run_eval(
         torch.set_num_threads(threads)
     texts = read_texts(text)
     start = document_start_id(tokenizer)
-    name = model_name or model_source or getattr(model.config, "model_type", type(model).__name__)
     report = _Progress(progress)
     records: list[dict] = []
-    if "perplexity" in metrics or "speed" in metrics or "memory" in metrics:
-        window_ids = spread_windows(tokenizer, texts, windows, context, start)
-    if "perplexity" in metrics:
-        records += perplexity_kl(model, window_ids, methods, score, chunk, prefill_chunk, report)
-    if "copy_recall" in metrics:
-        records += copy_recall(
-            model, tokenizer, methods, texts, context, copy_depths, copy_spans, copy_cue, copy_trials, seed,
-            chunk, prefill_chunk, start, report,
-        )  # fmt: skip
-    if "passkey" in metrics:
-        records += passkey(
-            model, tokenizer, methods, texts, context, passkey_depths, passkey_trials, seed, chunk, prefill_chunk,
-            start, report,
-        )  # fmt: skip
-    if "speed" in metrics:
-        records += speed(model, torch.tensor(window_ids[:1]), methods, decode_tokens, prefill_chunk, report)
-    if "memory" in metrics:
-        if model_source is None:
-            reason = "needs `model_source` (a model name or folder) to load the model in a fresh process"
-            records += [
-                {"metric": "peak_memory", "method": m.name, "setting": {}, "value": None, "unavailable": reason}
-                for m in methods
-            ]
-        else:
-            records += peak_memory(
-                model_source, torch.tensor(window_ids[:1]), methods, decode_tokens, dtype,
-                torch.get_num_threads(), prefill_chunk or 512, report,
-            )  # fmt: skip
-    report.done()
-    for record in records:
-        record["model"] = name
     meta = dict(
-        model=name,
+        model=model_name or model_source or getattr(model.config, "model_type", type(model).__name__),
         methods=[m.to_dict() for m in methods],
         metrics=list(metrics),
         text=[text_name for text_name, _ in texts],
@@ -155,18 +126,61 @@ def run_eval(
         seed=seed,
         threads=torch.get_num_threads(),
         torch=torch.__version__,
-        seconds=round(report.elapsed(), 1),
     )
     results = EvalResults(records, meta)
-    if output_dir is not None:
-        results.save(output_dir, plots)
+
+    def finished(new: list[dict], complete: bool = False) -> None:
+        """Add a metric's records; with ``output_dir``, write what is measured so far, so an
+        interrupted run keeps its finished metrics (``meta["complete"]`` says whether all ran)."""
+        for record in new:
+            record["model"] = meta["model"]
+        records.extend(new)
+        meta.update(seconds=round(report.elapsed(), 1), complete=complete)
+        if output_dir is not None:
+            results.save(output_dir, plots=plots and complete)
+
+    if "perplexity" in metrics or "speed" in metrics or "memory" in metrics:
+        window_ids = spread_windows(tokenizer, texts, windows, context, start)
+    if "perplexity" in metrics:
+        finished(perplexity_kl(model, window_ids, methods, score, chunk, prefill_chunk, report))
+    if "copy_recall" in metrics:
+        finished(copy_recall(
+            model, tokenizer, methods, texts, context, copy_depths, copy_spans, copy_cue, copy_trials, seed,
+            chunk, prefill_chunk, start, report,
+        ))  # fmt: skip
+    if "passkey" in metrics:
+        finished(passkey(
+            model, tokenizer, methods, texts, context, passkey_depths, passkey_trials, seed, chunk, prefill_chunk,
+            start, report,
+        ))  # fmt: skip
+    if "speed" in metrics:
+        finished(speed(model, torch.tensor(window_ids[:1]), methods, decode_tokens, prefill_chunk, report))
+    if "memory" in metrics:
+        if model_source is None:
+            reason = "needs `model_source` (a model name or folder) to load the model in a fresh process"
+            finished([
+                {"metric": "peak_memory", "method": m.name, "setting": {}, "value": None, "unavailable": reason}
+                for m in methods
+            ])  # fmt: skip
+        else:
+            finished(peak_memory(
+                model_source, torch.tensor(window_ids[:1]), methods, decode_tokens, dtype,
+                torch.get_num_threads(), prefill_chunk or 512, report,
+            ))  # fmt: skip
+    report.done()
+    finished([], complete=True)
     return results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``eval`` options to ``parser`` (a subcommand's parser); :func:`main` runs them."""
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, a model folder or name")
-    parser.add_argument("--text", default=None, help=f"a text file or a folder of *.txt (default {DEFAULT_TEXT_DIR})")
+    parser.add_argument(
+        "--text",
+        default=DEFAULT_TEXT,
+        help=f"a UTF-8 text file, a folder of *.txt, or a text every Python has: {' or '.join(BUILTIN_TEXTS)} "
+        "(prose or code; default %(default)s)",
+    )
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -206,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     methods = [parse_method(spec) for spec in args.methods]  # bad specs fail before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..models import load_model  # sets HF_HUB_OFFLINE: only when a model is loaded here
+    from ..models import load_model  # late: only when a model is loaded here
 
     model, tokenizer = load_model(args.model, args.dtype)
     results = run_eval(
