@@ -1,6 +1,6 @@
 """Evaluate KV-cache compressors on your own model and text.
 
-    python examples/evaluate_your_model.py                          # SmolLM2-135M on prose: 3 minutes on 2 CPU cores
+    python examples/evaluate_your_model.py                          # SmolLM2 on prose: about 3 minutes on 2 CPU cores
     python examples/evaluate_your_model.py smollm2 python-code      # the same on Python source
     python examples/evaluate_your_model.py ./my-model my_book.txt   # any causal LM folder, any text
 

@@ -60,12 +60,15 @@ def test_compress_then_inspect(tmp_path, model_folder, capsys):
 
 
 def test_compress_checks_the_output_path_before_the_prefill(tmp_path, model_folder, capsys, monkeypatch):
-    import nexusquant_cache.cli as cli
+    import nexusquant_cache.models as models
 
-    monkeypatch.setattr(cli, "load_model", lambda *args: pytest.fail("the model loaded before the path was checked"))
+    monkeypatch.setattr(models, "load_model", lambda *args: pytest.fail("the model loaded before the path was checked"))
     (tmp_path / "t.txt").write_text("hello")
     for output, says in [
-        (tmp_path / "missing" / "c.nqc", f"-o {tmp_path / 'missing' / 'c.nqc'}: the folder {tmp_path / 'missing'} does not exist"),
+        (
+            tmp_path / "missing" / "c.nqc",
+            f"-o {tmp_path / 'missing' / 'c.nqc'}: the folder {tmp_path / 'missing'} does not exist",
+        ),
         (tmp_path, f"-o {tmp_path} is a folder; give a file path such as {tmp_path / 'cache.nqc'}"),
     ]:
         assert main(["compress", str(tmp_path / "t.txt"), "-o", str(output)]) == 1
@@ -175,7 +178,9 @@ def test_options_say_their_allowed_values(capsys):
             parse([command, "--help"])
         usages[command] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         assert "{lossless,compact,balanced,max}" in usages[command] and "a measured operating point" in usages[command]
-    assert "--method {e8,scalar}" in usages["compress"] and "--scorer {snapkv,h2o,keynorm,streaming}" in usages["compress"]
+    assert (
+        "--method {e8,scalar}" in usages["compress"] and "--scorer {snapkv,h2o,keynorm,streaming}" in usages["compress"]
+    )
     assert "the model's dtype" in usages["compress"]
     assert parse(["demo"]).threads is None  # torch's own choice unless asked
 

@@ -424,7 +424,7 @@ def test_builtin_texts_are_prose_and_code_every_python_has():
     from nexusquant_cache.eval import builtin_texts, read_texts
 
     [(name, prose)] = read_texts(None)
-    assert name == "python-docs" and "The \"assert\" statement" in prose and len(prose) > 300_000
+    assert name == "python-docs" and 'The "assert" statement' in prose and len(prose) > 300_000
     code = dict(read_texts("python-code"))
     assert {"argparse.py", "typing.py"} <= set(code) and all(len(text) >= 60_000 for text in code.values())
     assert "def " in code["argparse.py"] and read_texts("python-code") == builtin_texts("python-code")

@@ -1,5 +1,8 @@
 """cache_implementation="nexusquant": the registration transformers needs, on the installed release."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
@@ -58,3 +61,33 @@ def test_registration_is_idempotent():
 
     assert configuration_utils.ALL_CACHE_IMPLEMENTATIONS.count("nexusquant") == 1
     assert nexusquant_cache.NexusQuantCache is NexusQuantCache
+
+
+def run_fresh(code: str) -> str:
+    """``code`` in a new interpreter (what it imports is the point); its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_name_is_registered_whichever_is_imported_first():
+    generate = (
+        "import torch; from tests.tiny_models import greedy, prompt, tiny_llama; "
+        "out = greedy(tiny_llama().eval(), prompt(), max_new_tokens=2, cache_implementation='nexusquant'); "
+        "print(type(out.cache).__name__)"
+    )
+    # nexusquant_cache first: it loads neither torch nor transformers, and registers once transformers loads.
+    first = "import sys, nexusquant_cache; print('torch' in sys.modules, 'transformers' in sys.modules); "
+    assert run_fresh(first + generate).split() == ["False", "False", "NexusQuantCache"]
+    assert run_fresh("import transformers, nexusquant_cache; " + generate).split() == ["NexusQuantCache"]
+
+
+def test_the_command_line_starts_without_torch():
+    code = (
+        "import contextlib, io, sys\nfrom nexusquant_cache.cli import main\n"
+        "for argv in (['--help'], ['compress', '--help'], ['demo', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
+    )
+    assert run_fresh(code).strip() == "[]"

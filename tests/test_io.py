@@ -5,7 +5,6 @@ import os
 import re
 import struct
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -442,6 +441,7 @@ def test_an_interrupted_save_keeps_the_previous_file(tmp_path, saved, monkeypatc
 
 
 # ---- a real model -----------------------------------------------------------------------------
+
 
 @pytest.mark.real_model
 def test_smollm2_round_trip_and_file_size(tmp_path):

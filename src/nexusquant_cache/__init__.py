@@ -1,22 +1,30 @@
-"""nexusquant-cache: compressed KV caches for HuggingFace transformers."""
+"""nexusquant-cache: compressed KV caches for HuggingFace transformers.
 
-from .cache import NexusQuantCache, prefill
-from .codec import Encoded, Method, decode, encode
-from .config import NexusQuantConfig
-from .integration import nexusquant_evict
-from .io import CacheFileError, PromptMismatchError, prompt_hash
+The public names are imported on first use, so importing the package, and the command line,
+start without loading torch or transformers. Importing the package registers
+``cache_implementation="nexusquant"`` with transformers (integration.py): at once if
+transformers is imported already, otherwise as soon as it is.
+"""
 
-__all__ = [
-    "CacheFileError",
-    "Encoded",
-    "Method",
-    "NexusQuantCache",
-    "NexusQuantConfig",
-    "PromptMismatchError",
-    "decode",
-    "encode",
-    "nexusquant_evict",
-    "prefill",
-    "prompt_hash",
-]
+import importlib
+
+from ._lazy import after_import, lazy_attributes
+
+_HOMES = {
+    "CacheFileError": "io",
+    "Encoded": "codec",
+    "Method": "codec",
+    "NexusQuantCache": "cache",
+    "NexusQuantConfig": "config",
+    "PromptMismatchError": "io",
+    "decode": "codec",
+    "encode": "codec",
+    "nexusquant_evict": "integration",
+    "prefill": "cache",
+    "prompt_hash": "io",
+}
+__all__ = sorted(_HOMES)
 __version__ = "0.1.0"
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES)
+
+after_import("transformers", lambda: importlib.import_module(".integration", __name__))

@@ -203,7 +203,8 @@ class NexusQuantCache(Cache):
             fallback = config.evicts and config.scorer in ATTENTION_SCORERS
             warnings.warn(
                 f"NexusQuantCache.load({str(path)!r}) without `model=`: the file is not checked against the "
-                "model that will use it" + (f", and scorer {config.scorer!r} falls back to 'keynorm'" if fallback else ""),
+                "model that will use it"
+                + (f", and scorer {config.scorer!r} falls back to 'keynorm'" if fallback else ""),
                 stacklevel=2,
             )
             # The layer count is in the file, so per-layer overrides need no model here.

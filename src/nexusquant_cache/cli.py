@@ -7,7 +7,8 @@
     nexusquant-cache demo                                            # the first five minutes
 
 Each subcommand is a ``_name(args)`` function registered in :func:`build_parser` (``eval``'s
-lives in the ``eval`` package).
+lives in the ``eval`` package). torch, transformers and the harness are imported by the
+subcommand that runs, so ``--help`` and argument errors come at once.
 """
 
 from __future__ import annotations
@@ -20,17 +21,15 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from .cache import NexusQuantCache, prefill
-from .codec import Method
+from .codec.choices import Method
 from .config import MERGES, PRESETS, SCORERS, NexusQuantConfig
-from .io import FORMAT_VERSION
-from .models import load_model
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["build_parser", "main"]
 
@@ -53,6 +52,11 @@ def config_from(args: argparse.Namespace) -> NexusQuantConfig:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cache import NexusQuantCache, prefill
+    from .models import load_model
+
     output = Path(args.output)
     _check_writable(output)  # before minutes of prefill, not after
     if args.threads:
@@ -94,7 +98,7 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"-o {path}: the folder {folder} is not writable")
 
 
-def say(message: str) -> None:
+def _say(message: str) -> None:
     """A progress line on stderr (the results go to stdout)."""
     print(message, file=sys.stderr, flush=True)
 
@@ -107,13 +111,18 @@ def _progress(label: str) -> Callable[[int, int], None]:
 
     def report(done: int, total: int) -> None:
         elapsed = time.perf_counter() - started
-        line = f"{label} {done}/{total} tokens ({100 * done / total:.0f}%), {elapsed:.1f} s, {done / elapsed:.0f} tokens/s"
+        line = (
+            f"{label} {done}/{total} tokens ({100 * done / total:.0f}%), {elapsed:.1f} s, {done / elapsed:.0f} tokens/s"
+        )
         print(line, end="\n" if done == total else ending, file=sys.stderr, flush=True)
 
     return report
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .cache import NexusQuantCache
+    from .io import FORMAT_VERSION
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no model to check against: inspect only describes the file
         cache = NexusQuantCache.load(args.file)
@@ -153,90 +162,124 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """The first five minutes: a long prompt continued with a DynamicCache and a NexusQuantCache;
     bytes, speed and how far the compressed cache moves the model's predictions."""
+    import torch
     from transformers import DynamicCache
 
+    from .cache import NexusQuantCache
     from .eval.data import read_texts, sentence_end
+    from .models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NexusQuantConfig.preset(args.preset)
-    say(f"loading {args.model} (the first run converts the GGUF weights once, about 30 s) ...")
+    _say(f"loading {args.model} (the first run converts the GGUF weights once, about 30 s) ...")
     model, tokenizer = load_model(args.model, torch.float32)
     name, text = read_texts(args.text)[0]
     ids = tokenizer(text, add_special_tokens=False).input_ids[: args.tokens]
     ids = torch.tensor([ids[: sentence_end(tokenizer, ids, len(ids), reach=256)]])  # end on a full sentence
-    length = ids.shape[1]
-    say(
-        f"prompt: the first {length} tokens of {name}; the model continues it for {args.new_tokens} tokens "
+    _say(
+        f"prompt: the first {ids.shape[1]} tokens of {name}; the model continues it for {args.new_tokens} tokens "
         f"(greedy), first with transformers' DynamicCache, then with NexusQuantCache preset {args.preset!r}"
     )
     with tempfile.TemporaryDirectory() as folder:
-        saved = Path(folder) / "prompt.nqc"
-        rows = []
-        for label, cache in [("DynamicCache", DynamicCache(config=model.config)),
-                             (f"NexusQuantCache {args.preset}", NexusQuantCache(config, model=model))]:  # fmt: skip
-            started = time.perf_counter()
-            prefill(model, ids[:, :-1], cache, 512, _progress(f"{label}: prefill"))
-            prefill_s = time.perf_counter() - started
-            if isinstance(cache, NexusQuantCache):
-                cache.save(saved, prompt_ids=ids)  # the prompt, prefilled once, reusable from this file
-                stats = cache.stats()
-                held, baseline = stats["bytes"]["total"], stats["baseline_bytes"]
-            else:
-                held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-                baseline = held * 2 // model.dtype.itemsize  # the 16-bit cache of the same tokens
-            say(f"{label}: generating {args.new_tokens} tokens ...")
-            started = time.perf_counter()
-            out = model.generate(
-                ids, cache=cache, max_new_tokens=args.new_tokens, do_sample=False, min_new_tokens=1,
-                output_logits=True, return_dict_in_generate=True,
-            )  # fmt: skip
-            decode_s = time.perf_counter() - started
-            new = out.sequences[0, length:]
-            rows.append((label, new, held, baseline, prefill_s, len(new) / decode_s, torch.cat(out.logits)))
-        reference, reference_logits = rows[0][1], rows[0][6]
-        # The compressed cache predicting the uncompressed continuation, token by token.
-        loaded = NexusQuantCache.load(saved, model=model, prompt_ids=ids)
-        forced = torch.cat([ids[:, -1:], reference[None, :-1]], dim=1)
-        positions = torch.arange(length - 1, length - 1 + forced.shape[1])[None]
-        with torch.inference_mode():
-            logits = model(forced, cache=loaded, position_ids=positions).logits[0]
+        saved = Path(folder) / "prompt.nqc"  # the compressed prompt, reusable from this file
+        dynamic = _continue(model, ids, DynamicCache(config=model.config), "DynamicCache", args.new_tokens)
+        ours = _continue(model, ids, NexusQuantCache(config, model=model), f"NexusQuantCache {args.preset}",
+                         args.new_tokens, saved)  # fmt: skip
+        # The compressed cache, loaded back, predicting the uncompressed continuation token by token.
+        forced = _forced_logits(model, NexusQuantCache.load(saved, model=model, prompt_ids=ids), ids, dynamic.tokens)
         file_bytes = saved.stat().st_size
-    agreement = (logits.argmax(-1) == reference).float().mean().item()
-    ours, theirs = logits.log_softmax(-1), reference_logits.log_softmax(-1)
-    picked = reference[:, None]
-    perplexity_change = (theirs.gather(-1, picked) - ours.gather(-1, picked)).mean().exp().item() - 1
-    kl = (theirs.exp() * (theirs - ours)).sum(-1).mean().item()
 
-    dynamic_held = rows[0][2]
     print("| cache | KV cache held | smaller than this DynamicCache | smaller than a 16-bit cache | prefill | decode |")
     print("|---|---|---|---|---|---|")
-    for label, _, held, baseline, prefill_s, speed, _ in rows:
-        print(f"| {label} | {_size(held)} | {dynamic_held / held:.2f}x | {baseline / held:.2f}x | "
-              f"{prefill_s:.1f} s | {speed:.1f} tokens/s |")  # fmt: skip
+    for run in (dynamic, ours):
+        ratios = f"{dynamic.held / run.held:.2f}x | {run.held_16bit / run.held:.2f}x"
+        speeds = f"{run.prefill_s:.1f} s | {run.tokens_per_s:.1f} tokens/s"
+        print(f"| {run.label} | {_size(run.held)} | {ratios} | {speeds} |")
     print(
         "\nThe model runs in float32, so this DynamicCache holds 32-bit numbers; a 16-bit cache (a bfloat16\n"
         "model's) is half its size and is what docs/results.md compares against. The compressed prompt,\n"
         f"saved to a file and loaded back for the next lines, takes {_size(file_bytes)} on disk."
     )
-    same = int((rows[1][1][: len(reference)] == reference[: len(rows[1][1])]).cumprod(0).sum())
+    reference, theirs, mine = dynamic.tokens, dynamic.logits.log_softmax(-1), forced.log_softmax(-1)
+    agreement = (forced.argmax(-1) == reference).float().mean().item()
+    picked = reference[:, None]
+    perplexity_change = (theirs.gather(-1, picked) - mine.gather(-1, picked)).mean().exp().item() - 1
+    kl = (theirs.exp() * (theirs - mine)).sum(-1).mean().item()
     print(
         f"\nQuality: the uncompressed model's own {len(reference)}-token continuation, fed token by token to the\n"
         f"compressed cache: next-token agreement {100 * agreement:.0f}%, perplexity change "
         f"{100 * perplexity_change:+.1f}%, KL {kl:.3f} nats per token."
     )
+    same = int((ours.tokens[: len(reference)] == reference[: len(ours.tokens)]).cumprod(0).sum())
     print(
         f"\nThe two greedy continuations below agree for their first {same} token{'s' * (same != 1)}. Greedy\n"
         "decoding follows any one different choice into a different text, so later tokens can differ even\n"
         "when both read well."
     )
     print(f"\nThe prompt ends: ...{tokenizer.decode(ids[0, -40:], skip_special_tokens=True)}")
-    for label, tokens, *_ in rows:
-        print(f"\n{label} continues:\n{tokenizer.decode(tokens, skip_special_tokens=True)}")
+    for run in (dynamic, ours):
+        print(f"\n{run.label} continues:\n{tokenizer.decode(run.tokens, skip_special_tokens=True)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass
+class _Run:
+    """One cache's part of the demo."""
+
+    label: str
+    tokens: torch.Tensor  # the greedy continuation
+    logits: torch.Tensor  # [len(tokens), vocab] that chose them
+    held: int  # bytes the cache holds after the prefill
+    held_16bit: int  # the same with every float counted at 2 bytes (a 16-bit DynamicCache for ours)
+    prefill_s: float
+    tokens_per_s: float
+
+
+def _continue(model, ids, cache, label: str, new_tokens: int, saved: Path | None = None) -> _Run:
+    """Prefill all but the last prompt token into ``cache`` (with progress), note its bytes (and
+    save it to ``saved``), then generate ``new_tokens`` greedily."""
+    import torch
+
+    from .cache import NexusQuantCache, prefill
+    from .eval.methods import tensor_bytes
+
+    started = time.perf_counter()
+    prefill(model, ids[:, :-1], cache, 512, _progress(f"{label}: prefill"))
+    prefill_s = time.perf_counter() - started
+    if isinstance(cache, NexusQuantCache):
+        cache.save(saved, prompt_ids=ids)
+        stats = cache.stats()
+        held, held_16bit = stats["bytes"]["total"], stats["baseline_bytes"]
+    else:
+        tensors = [(layer.keys, layer.values) for layer in cache.layers]
+        held, held_16bit = tensor_bytes(tensors), tensor_bytes(tensors, float_bytes=2)
+    _say(f"{label}: generating {new_tokens} tokens ...")
+    started = time.perf_counter()
+    out = model.generate(
+        ids, cache=cache, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=1, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    tokens_per_s = (out.sequences.shape[1] - ids.shape[1]) / (time.perf_counter() - started)
+    return _Run(
+        label, out.sequences[0, ids.shape[1] :], torch.cat(out.logits), held, held_16bit, prefill_s, tokens_per_s
+    )
+
+
+def _forced_logits(model, cache, ids, tokens):
+    """Logits [len(tokens), vocab] of ``cache``, which holds all but the last of ``ids``, predicting
+    ``tokens`` teacher-forced after ``ids``."""
+    import torch
+
+    forced = torch.cat([ids[:, -1:], tokens[None, :-1]], dim=1)
+    positions = torch.arange(ids.shape[1] - 1, ids.shape[1] - 1 + forced.shape[1])[None]
+    with torch.inference_mode():
+        return model(forced, cache=cache, position_ids=positions).logits[0]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; given ``command``, ``eval``'s options (which import the
+    harness, torch and transformers) are added only when ``command`` is ``"eval"``."""
     parser = argparse.ArgumentParser(prog="nexusquant-cache", description="Compressed KV caches for transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -285,11 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, help=THREADS_HELP)
     demo.set_defaults(run=_demo)
 
-    from . import eval as evaluation  # late: the harness is not needed by the other commands
+    evaluate = commands.add_parser("eval", help="quality, bytes, memory and speed of KV compressors side by side")
+    if command in (None, "eval"):
+        from . import eval as evaluation
 
-    evaluation.add_arguments(
-        commands.add_parser("eval", help="quality, bytes, memory and speed of KV compressors side by side")
-    ).set_defaults(run=evaluation.main)
+        evaluation.add_arguments(evaluate).set_defaults(run=evaluation.main)
     return parser
 
 
@@ -313,7 +356,8 @@ def _boolean(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command=next((word for word in argv if not word.startswith("-")), "")).parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, OSError) as error:  # CacheFileError is a ValueError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .codec import SUPPORTED_BITS, Method
+from .codec.choices import SUPPORTED_BITS, Method
 
 __all__ = ["MERGES", "NexusQuantConfig", "PRESETS", "SCORERS"]
 

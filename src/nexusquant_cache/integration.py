@@ -9,10 +9,11 @@
 - ``nexusquant_evict(model, ...)``: a context manager that makes ``model.generate`` use a
   NexusQuantCache, restored exactly on exit, also on exceptions.
 - ``cache_implementation="nexusquant"``: transformers has no cache registry, so importing this
-  package adds the name to the list ``GenerationConfig.validate`` accepts and wraps
+  module adds the name to the list ``GenerationConfig.validate`` accepts and wraps
   ``GenerationMixin._prepare_cache_for_generation`` to build a NexusQuantCache from
   ``generation_config.cache_config`` for that name; every other value goes through untouched.
-  This is the package's one import-time side effect; it is idempotent.
+  ``import nexusquant_cache`` imports this module as soon as transformers is imported (at once
+  if it already is): the package's one import-time side effect. It is idempotent.
 """
 
 from __future__ import annotations

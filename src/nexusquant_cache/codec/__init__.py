@@ -1,29 +1,29 @@
 """Pure tensor codec: randomized Hadamard rotation, E8 lattice codebooks, scalar baseline, packing.
 
 Knows nothing of transformers. The public entry points are :func:`encode` and :func:`decode`.
+Names are imported on first use (PEP 562): :mod:`.choices` needs no torch.
 """
 
-from .encoding import SUPPORTED_BITS, SUPPORTED_DTYPES, Encoded, Method, decode, encode
-from .lattice import OrbitCodebook, ball_codebook, nearest_d8, nearest_e8, shell_codebook
-from .quantizers import E8Quantizer, ScalarQuantizer, lloyd_max_levels
-from .rotation import rotate, rotation_matrix, unrotate
+from .._lazy import lazy_attributes
 
-__all__ = [
-    "SUPPORTED_BITS",
-    "SUPPORTED_DTYPES",
-    "E8Quantizer",
-    "Encoded",
-    "Method",
-    "OrbitCodebook",
-    "ScalarQuantizer",
-    "ball_codebook",
-    "decode",
-    "encode",
-    "lloyd_max_levels",
-    "nearest_d8",
-    "nearest_e8",
-    "rotate",
-    "rotation_matrix",
-    "shell_codebook",
-    "unrotate",
-]
+_HOMES = {
+    "SUPPORTED_BITS": "choices",
+    "Method": "choices",
+    "SUPPORTED_DTYPES": "encoding",
+    "Encoded": "encoding",
+    "decode": "encoding",
+    "encode": "encoding",
+    "OrbitCodebook": "lattice",
+    "ball_codebook": "lattice",
+    "nearest_d8": "lattice",
+    "nearest_e8": "lattice",
+    "shell_codebook": "lattice",
+    "E8Quantizer": "quantizers",
+    "ScalarQuantizer": "quantizers",
+    "lloyd_max_levels": "quantizers",
+    "rotate": "rotation",
+    "rotation_matrix": "rotation",
+    "unrotate": "rotation",
+}
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_attributes(__name__, _HOMES)

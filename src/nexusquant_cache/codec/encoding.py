@@ -10,27 +10,21 @@ its 8-bit mantissa costs under 1e-5 in relative error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from .choices import SUPPORTED_BITS, Method
 from .packing import pack_words, unpack_words
 from .quantizers import quantizer
 from .rotation import rotate, unrotate
 
 __all__ = ["Method", "Encoded", "encode", "decode", "SUPPORTED_BITS", "SUPPORTED_DTYPES"]
 
-SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCALE_DTYPE = torch.bfloat16
 _CHUNK = 1 << 15  # vectors per step: bounds the temporary memory of the search
 _TINY = torch.finfo(torch.float32).tiny
-
-
-class Method(str, Enum):
-    E8 = "e8"
-    SCALAR = "scalar"
 
 
 @dataclass(frozen=True)
