@@ -67,9 +67,10 @@ def test_compress_checks_the_output_path_before_the_prefill(tmp_path, model_fold
     for output, says in [
         (
             tmp_path / "missing" / "c.nqc",
-            f"-o {tmp_path / 'missing' / 'c.nqc'}: the folder {tmp_path / 'missing'} does not exist",
+            f"-o {tmp_path / 'missing' / 'c.nqc'}: {tmp_path / 'missing'} does not exist",
         ),
         (tmp_path, f"-o {tmp_path} is a folder; give a file path such as {tmp_path / 'cache.nqc'}"),
+        (tmp_path / "t.txt" / "c.nqc", f"-o {tmp_path / 't.txt' / 'c.nqc'}: {tmp_path / 't.txt'} is not a folder"),
     ]:
         assert main(["compress", str(tmp_path / "t.txt"), "-o", str(output)]) == 1
         assert capsys.readouterr().err == f"nexusquant-cache compress: error: {says}\n"
@@ -142,10 +143,10 @@ def test_demo_compares_the_two_caches(tmp_path, model_folder, capsys):
     assert smaller_than_16_bit == pytest.approx(smaller_than_dynamic / 2, rel=0.01)
     assert smaller_than_16_bit > 4  # preset max (K4V2, keep 0.25) on a 300-token prompt, window included
     assert "next-token agreement" in table and "The two greedy continuations below agree for their first" in table
-    # The 300 tokens are cut back to the last sentence end (272 characters), so the continuations
-    # do not start mid-word; all but the last prompt token are prefilled, with progress shown.
+    # BOS and 299 characters, cut back to the last sentence end (BOS and 272 characters), so the
+    # continuations do not start mid-word; all but the last prompt token are prefilled, with progress.
     assert table.split("The prompt ends: ...")[1].split("\n")[0].endswith(".")
-    assert "NexusQuantCache max: prefill 271/271 tokens (100%)" in captured.err
+    assert "NexusQuantCache max: prefill 272/272 tokens (100%)" in captured.err
 
 
 def test_demo_needs_no_files_outside_the_package():
@@ -171,6 +172,10 @@ def test_options_say_their_allowed_values(capsys):
     ]:
         with pytest.raises(SystemExit):
             parse([*base, flag, bad])
+        assert allowed in capsys.readouterr().err, flag
+    for flag, bad, allowed in [("--tokens", "1", "an integer >= 2"), ("--new-tokens", "0", "an integer >= 1")]:
+        with pytest.raises(SystemExit):
+            parse(["demo", flag, bad])
         assert allowed in capsys.readouterr().err, flag
     usages = {}
     for command in ("compress", "demo"):

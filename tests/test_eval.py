@@ -416,7 +416,9 @@ def test_an_interrupted_run_keeps_the_metrics_that_finished(book, llama, tmp_pat
         run_eval(llama, CharTokenizer(), ["dynamic"], metrics=["perplexity", "copy_recall"], **arguments)
     meta, records = load_results(tmp_path / "results.json")
     assert meta["complete"] is False and {r["metric"] for r in records} >= {"perplexity", "kl", "bytes"}
-    assert "| DynamicCache |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert report.startswith("**Incomplete run**: only perplexity, kl, bytes finished.")
+    assert "| DynamicCache |" in report
     assert not list(tmp_path.glob("*.png"))  # plots come with the complete run
 
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache, GenerationConfig, GenerationMixin
 
 import nexusquant_cache
 from nexusquant_cache import NexusQuantCache
-from nexusquant_cache.integration import _register_cache_implementation
+from nexusquant_cache.integration import accept_cache_implementation, build_cache_for_its_name
 from tests.tiny_models import greedy, prompt, tiny_llama
 
 
@@ -54,10 +54,13 @@ def test_bad_cache_config_names_the_field(model):
 
 
 def test_registration_is_idempotent():
-    wrapped = GenerationMixin._prepare_cache_for_generation
-    _register_cache_implementation()
-    assert GenerationMixin._prepare_cache_for_generation is wrapped and wrapped._nexusquant
     from transformers.generation import configuration_utils
+    from transformers.generation import utils as generation_utils
+
+    wrapped = GenerationMixin._prepare_cache_for_generation
+    accept_cache_implementation(configuration_utils)
+    build_cache_for_its_name(generation_utils)
+    assert GenerationMixin._prepare_cache_for_generation is wrapped and wrapped._nexusquant
 
     assert configuration_utils.ALL_CACHE_IMPLEMENTATIONS.count("nexusquant") == 1
     assert nexusquant_cache.NexusQuantCache is NexusQuantCache
@@ -79,7 +82,11 @@ def test_the_name_is_registered_whichever_is_imported_first():
     # nexusquant_cache first: it loads neither torch nor transformers, and registers once transformers loads.
     first = "import sys, nexusquant_cache; print('torch' in sys.modules, 'transformers' in sys.modules); "
     assert run_fresh(first + generate).split() == ["False", "False", "NexusQuantCache"]
-    assert run_fresh("import transformers, nexusquant_cache; " + generate).split() == ["NexusQuantCache"]
+    for before in ("transformers", "transformers.generation.utils", "nexusquant_cache.layer", "nexusquant_cache.eval"):
+        code = f"import {before}, nexusquant_cache; " + generate
+        assert run_fresh(code).split() == ["NexusQuantCache"], before
+    # submodules stay attributes of the package, as with an eager import
+    assert run_fresh("import nexusquant_cache; print(nexusquant_cache.io.FORMAT_VERSION)").split() == ["1"]
 
 
 def test_the_command_line_starts_without_torch():

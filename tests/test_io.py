@@ -130,6 +130,16 @@ def test_what_a_cache_cannot_do_without_the_model_is_said(tmp_path):
         NexusQuantCache(CONFIGS["16-bit"])
 
 
+def test_a_loaded_cache_that_went_on_saves_without_its_old_prompt(tmp_path):
+    model, ids, cache = build()
+    cache.save(tmp_path / "c.nqc", prompt_ids=ids)
+    loaded = NexusQuantCache.load(tmp_path / "c.nqc", model=model, prompt_ids=ids)
+    continue_from(model, ids, loaded)  # more tokens: the saved prompt no longer covers them
+    loaded.save(tmp_path / "later.nqc")
+    again = NexusQuantCache.load(tmp_path / "later.nqc", model=model)
+    assert again.prompt is None and again.get_seq_length() == loaded.get_seq_length() > ids.shape[1]
+
+
 def test_saving_into_a_missing_folder_names_the_file_asked_for(tmp_path):
     _, _, cache = build()
     target = tmp_path / "missing" / "c.nqc"

@@ -3,11 +3,10 @@
 The public names are imported on first use, so importing the package, and the command line,
 start without loading torch or transformers. Importing the package registers
 ``cache_implementation="nexusquant"`` with transformers (integration.py): at once if
-transformers is imported already, otherwise as soon as it is.
+transformers' generation modules are imported already, otherwise as soon as they are.
 """
 
-import importlib
-
+from . import integration
 from ._lazy import after_import, lazy_attributes
 
 _HOMES = {
@@ -27,4 +26,5 @@ __all__ = sorted(_HOMES)
 __version__ = "0.1.0"
 __getattr__, __dir__ = lazy_attributes(__name__, _HOMES)
 
-after_import("transformers", lambda: importlib.import_module(".integration", __name__))
+after_import("transformers.generation.configuration_utils", integration.accept_cache_implementation)
+after_import("transformers.generation.utils", integration.build_cache_for_its_name)

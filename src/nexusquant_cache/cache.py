@@ -157,6 +157,8 @@ class NexusQuantCache(Cache):
             self.prompt = _prompt_record(prompt_ids, seen, self.layers[0].key_stream.recent.shape[0])
             if prompt_recipe is not None:
                 self.prompt["recipe"] = prompt_recipe
+        elif self.prompt is not None and self.prompt["length"] != seen:
+            self.prompt = None  # a loaded prompt that tokens have been added to since: unknown now
         shape = self.layers[0].key_stream.recent.shape
         # Without the model's config, the file still pins what its tensors imply.
         fingerprint = self.fingerprint or dict(

@@ -8,7 +8,8 @@
 
 Each subcommand is a ``_name(args)`` function registered in :func:`build_parser` (``eval``'s
 lives in the ``eval`` package). torch, transformers and the harness are imported by the
-subcommand that runs, so ``--help`` and argument errors come at once.
+subcommand that runs, so ``--help`` and argument errors come at once (``eval``'s own options
+need the harness: they take seconds).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _compress(args: argparse.Namespace) -> int:
     recipe = (
         f"tokenizer(Path({text_file.name!r}).read_text(encoding='utf-8'), return_tensors='pt').input_ids"
         + (f"[:, :{args.max_tokens}]" if args.max_tokens else "")
-        + f" with the tokenizer of --model {args.model}; text sha256 {hashlib.sha256(text.encode()).hexdigest()}"
+        + f" with the tokenizer of --model {args.model}; sha256 of the text read: {_sha256(text)}"
     )
     cache = NexusQuantCache(config, model=model)
     started = time.perf_counter()
@@ -93,7 +94,7 @@ def _check_writable(path: Path) -> None:
         raise ValueError(f"-o {path} is a folder; give a file path such as {path / 'cache.nqc'}")
     folder = path.parent
     if not folder.is_dir():
-        raise ValueError(f"-o {path}: the folder {folder} does not exist")
+        raise ValueError(f"-o {path}: {folder} {'is not a folder' if folder.exists() else 'does not exist'}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"-o {path}: the folder {folder} is not writable")
 
@@ -150,8 +151,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"tokens          {stats['tokens_seen']} seen, {stats['tokens_stored']} stored per full-attention layer")
     prompt = cache.prompt
     print("prompt sha256   " + (f"{prompt['sha256']} ({prompt['length']} tokens)" if prompt else "not recorded"))
-    if prompt and prompt.get("recipe"):
-        print(f"prompt ids      {prompt['recipe']}")
+    if prompt and prompt.get("recipe"):  # shown escaped: a file's text must not drive the terminal
+        print("prompt ids      " + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in prompt["recipe"]))
     print("config          " + ", ".join(f"{key}={value}" for key, value in report["config"].items()))
     parts = stats["bytes"]
     print("bytes           " + ", ".join(f"{part} {size:,}" for part, size in parts.items()))
@@ -166,20 +167,24 @@ def _demo(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     from .cache import NexusQuantCache
-    from .eval.data import read_texts, sentence_end
-    from .models import load_model
+    from .eval.data import document_start_id, read_texts, sentence_end
+    from .models import OFFLINE_MODELS, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NexusQuantConfig.preset(args.preset)
-    _say(f"loading {args.model} (the first run converts the GGUF weights once, about 30 s) ...")
+    converts = " (the first run converts the GGUF weights once, about 30 s)" if args.model in OFFLINE_MODELS else ""
+    _say(f"loading {args.model}{converts} ...")
     model, tokenizer = load_model(args.model, torch.float32)
     name, text = read_texts(args.text)[0]
-    ids = tokenizer(text, add_special_tokens=False).input_ids[: args.tokens]
+    start = document_start_id(tokenizer)  # a document starts as in pretraining (BOS for Gemma)
+    ids = ([] if start is None else [start]) + tokenizer(text, add_special_tokens=False).input_ids
+    ids = ids[: args.tokens]
     ids = torch.tensor([ids[: sentence_end(tokenizer, ids, len(ids), reach=256)]])  # end on a full sentence
     _say(
-        f"prompt: the first {ids.shape[1]} tokens of {name}; the model continues it for {args.new_tokens} tokens "
-        f"(greedy), first with transformers' DynamicCache, then with NexusQuantCache preset {args.preset!r}"
+        f"prompt: the first {ids.shape[1]} tokens of {name}; the model continues it for "
+        f"{_count(args.new_tokens, 'token')} (greedy), first with transformers' DynamicCache, then with "
+        f"NexusQuantCache preset {args.preset!r}"
     )
     with tempfile.TemporaryDirectory() as folder:
         saved = Path(folder) / "prompt.nqc"  # the compressed prompt, reusable from this file
@@ -213,7 +218,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     same = int((ours.tokens[: len(reference)] == reference[: len(ours.tokens)]).cumprod(0).sum())
     print(
-        f"\nThe two greedy continuations below agree for their first {same} token{'s' * (same != 1)}. Greedy\n"
+        f"\nThe two greedy continuations below agree for their first {_count(same, 'token')}. Greedy\n"
         "decoding follows any one different choice into a different text, so later tokens can differ even\n"
         "when both read well."
     )
@@ -254,7 +259,7 @@ def _continue(model, ids, cache, label: str, new_tokens: int, saved: Path | None
     else:
         tensors = [(layer.keys, layer.values) for layer in cache.layers]
         held, held_16bit = tensor_bytes(tensors), tensor_bytes(tensors, float_bytes=2)
-    _say(f"{label}: generating {new_tokens} tokens ...")
+    _say(f"{label}: generating {_count(new_tokens, 'token')} ...")
     started = time.perf_counter()
     out = model.generate(
         ids, cache=cache, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=1, output_logits=True,
@@ -322,8 +327,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default="python-docs",
         help="a UTF-8 text file, or a text every Python has: python-docs (prose, the default) or python-code",
     )
-    demo.add_argument("--tokens", type=int, default=4096, help="prompt tokens at most (default 4096)")
-    demo.add_argument("--new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    demo.add_argument("--tokens", type=_at_least(2), default=4096, help="prompt tokens at most (default 4096)")
+    demo.add_argument("--new-tokens", type=_at_least(1), default=48, help="tokens to generate (default 48)")
     demo.add_argument("--preset", choices=list(PRESETS), default="balanced", help=PRESET_HELP + " (default balanced)")
     demo.add_argument("--threads", type=int, help=THREADS_HELP)
     demo.set_defaults(run=_demo)
@@ -334,6 +339,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         evaluation.add_arguments(evaluate).set_defaults(run=evaluation.main)
     return parser
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, not {text!r}")
+        return value
+
+    return parse
 
 
 def _size(count: int) -> str:
@@ -357,7 +385,7 @@ def _boolean(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(command=next((word for word in argv if not word.startswith("-")), "")).parse_args(argv)
+    args = build_parser(command=argv[0] if argv else "").parse_args(argv)  # the command comes first
     try:
         return args.run(args)
     except (ValueError, OSError) as error:  # CacheFileError is a ValueError

@@ -8,12 +8,15 @@
   implementation is restored afterwards.
 - ``nexusquant_evict(model, ...)``: a context manager that makes ``model.generate`` use a
   NexusQuantCache, restored exactly on exit, also on exceptions.
-- ``cache_implementation="nexusquant"``: transformers has no cache registry, so importing this
-  module adds the name to the list ``GenerationConfig.validate`` accepts and wraps
-  ``GenerationMixin._prepare_cache_for_generation`` to build a NexusQuantCache from
-  ``generation_config.cache_config`` for that name; every other value goes through untouched.
-  ``import nexusquant_cache`` imports this module as soon as transformers is imported (at once
-  if it already is): the package's one import-time side effect. It is idempotent.
+- ``cache_implementation="nexusquant"``: transformers has no cache registry, so
+  :func:`accept_cache_implementation` adds the name to the list ``GenerationConfig.validate``
+  accepts and :func:`build_cache_for_its_name` wraps ``GenerationMixin._prepare_cache_for_generation``
+  to build a NexusQuantCache for that name. ``import nexusquant_cache`` runs each right after
+  transformers loads the module it patches (at once if it already has): the package's one
+  import-time side effect. Both are idempotent.
+
+This module imports nothing of transformers (nor torch) at import: the package imports it to
+set up those two steps, and every function here imports what it touches when it runs.
 """
 
 from __future__ import annotations
@@ -21,34 +24,48 @@ from __future__ import annotations
 import functools
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator
-
-from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
-from transformers.generation import configuration_utils
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .config import NexusQuantConfig
-from .layer import ATTENTION_SCORERS, PENDING_LAYER
 
-__all__ = ["ATTENTION_NAME", "CACHE_IMPLEMENTATION", "capture_queries", "nexusquant_evict"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = [
+    "ATTENTION_NAME",
+    "CACHE_IMPLEMENTATION",
+    "accept_cache_implementation",
+    "build_cache_for_its_name",
+    "capture_queries",
+    "nexusquant_evict",
+]
 
 ATTENTION_NAME = "nexusquant"
 CACHE_IMPLEMENTATION = "nexusquant"
 
 
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    pending = PENDING_LAYER.get()
-    if pending is not None and pending[1] is key:
-        PENDING_LAYER.set(None)
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        pending[0].observe(query, key, attention_mask, scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+@functools.cache
+def _register_attention() -> None:
+    """Add the query-capturing attention function (and SDPA's mask) to transformers' registries
+    under ATTENTION_NAME, once; this changes nothing for models that do not select it."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from .layer import PENDING_LAYER
 
-# Adding a name to transformers' registries changes nothing for models that do not select it.
-AttentionInterface.register(ATTENTION_NAME, _attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        pending = PENDING_LAYER.get()
+        if pending is not None and pending[1] is key:
+            PENDING_LAYER.set(None)
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            pending[0].observe(query, key, attention_mask, scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(ATTENTION_NAME, attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
 
 # id(model) -> [weak reference to the model, its previous attention implementation, users]
 _CAPTURING: dict[int, list] = {}
@@ -64,6 +81,7 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
     text_config = model.config.get_text_config(decoder=True)
     if getattr(text_config, "attn_logit_softcapping", None) is not None:
         return None
+    _register_attention()
     key = id(model)
     entry = _CAPTURING.get(key)
     if entry is None or entry[0]() is not model:  # a new model, or a dead one's id reused
@@ -100,7 +118,8 @@ def nexusquant_evict(
     keep_ratio=0.5)``). A call that passes its own cache keeps it. Direct forward calls are not
     affected. On exit the model is as it was.
     """
-    from .cache import NexusQuantCache  # the cache uses capture_queries: import it late
+    from .cache import NexusQuantCache
+    from .layer import ATTENTION_SCORERS
 
     if config is not None and fields:
         raise ValueError("pass either `config` or its fields, not both")
@@ -127,10 +146,19 @@ def nexusquant_evict(
             release()
 
 
-def _register_cache_implementation() -> None:
+def accept_cache_implementation(configuration_utils: ModuleType) -> None:
+    """Add the name to the list ``GenerationConfig.validate`` accepts, in transformers'
+    ``generation.configuration_utils`` module just loaded."""
     if CACHE_IMPLEMENTATION not in configuration_utils.ALL_CACHE_IMPLEMENTATIONS:
         configuration_utils.ALL_CACHE_IMPLEMENTATIONS += (CACHE_IMPLEMENTATION,)
-    original = GenerationMixin._prepare_cache_for_generation
+
+
+def build_cache_for_its_name(generation_utils: ModuleType) -> None:
+    """Wrap ``GenerationMixin._prepare_cache_for_generation`` of transformers' ``generation.utils``
+    module just loaded: for the name, build a NexusQuantCache from ``generation_config.cache_config``;
+    every other value goes through untouched. Imports nothing: it runs inside transformers' import."""
+    mixin = generation_utils.GenerationMixin
+    original = mixin._prepare_cache_for_generation
     if getattr(original, "_nexusquant", False):
         return
 
@@ -144,7 +172,4 @@ def _register_cache_implementation() -> None:
         model_kwargs["cache"] = NexusQuantCache(config, model=self)
 
     prepare_cache._nexusquant = True
-    GenerationMixin._prepare_cache_for_generation = prepare_cache
-
-
-_register_cache_implementation()
+    mixin._prepare_cache_for_generation = prepare_cache

