@@ -1,4 +1,5 @@
-"""Windows of Jane Austen's novels for the benchmarks (shared/data/austen beside the repository)."""
+"""Jane Austen's novels for the benchmarks (development data in shared/data/austen beside the
+repository; docs/results.md was measured on them). Any text works with ``--text``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,20 @@ import random
 from pathlib import Path
 
 TEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+EMMA = TEXT_DIR / "emma.txt"
+TEXT_HELP = "a text file or a built-in text (python-docs, python-code); default: Emma from the Austen folder"
+
+
+def read_book(source: str | None) -> str:
+    """The text a benchmark reads: ``source`` (a text file, a folder of them or a built-in text
+    name, see ``nexusquant_cache.eval.read_texts``), by default Emma from the Austen folder."""
+    if source is not None:
+        from nexusquant_cache.eval import read_texts
+
+        return "\n\n".join(text for _, text in read_texts(source))
+    if not EMMA.is_file():
+        raise FileNotFoundError(f"{EMMA} is missing: put the Austen novels there, or pass --text FILE or python-docs")
+    return EMMA.read_text(encoding="utf-8")
 
 
 def austen_windows(tokenizer, text_dir: Path, count: int, length: int, seed: int) -> list[list[int]]:

@@ -22,7 +22,7 @@ import json
 import sys
 
 import torch
-from _austen import TEXT_DIR
+from _austen import TEXT_HELP, read_book
 
 from nexusquant_cache.eval import nexusquant, parse_method, perplexity_kl
 from nexusquant_cache.models import load_gemma3_270m, load_smollm2
@@ -83,6 +83,7 @@ def main() -> None:
         "(quanto:4, hqq:2, nq:key_bits=4,...)",
     )
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    parser.add_argument("--text", help=TEXT_HELP)
     args = parser.parse_args()
     try:
         methods = [
@@ -93,7 +94,7 @@ def main() -> None:
         parser.error(f"{error}\nknown --configs names: {list(CONFIGS)}")
     torch.set_num_threads(2)
     model, tokenizer = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m}[args.model]()
-    book = tokenizer((TEXT_DIR / "emma.txt").read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    book = tokenizer(read_book(args.text), add_special_tokens=False).input_ids
     start_token = tokenizer.convert_tokens_to_ids(DOCUMENT_START[args.model])
     # baselines.md's offsets (stride 50,000) up to 4 windows; more windows share Emma evenly.
     stride = min(50000, (len(book) - args.context - 5000) // max(args.windows - 1, 1))

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from _austen import TEXT_DIR
+from _austen import TEXT_HELP, read_book
 
 from nexusquant_cache.eval import dynamic, nexusquant, peak_memory
 from nexusquant_cache.models import load_smollm2
@@ -36,9 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--text", help=TEXT_HELP)
     args = parser.parse_args()
     _, tokenizer = load_smollm2()
-    book = tokenizer((TEXT_DIR / "emma.txt").read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    book = tokenizer(read_book(args.text), add_special_tokens=False).input_ids
     ids = [tokenizer.convert_tokens_to_ids("<|endoftext|>"), *book[5000 : 5000 + args.context - 1]]
     mib = 1 << 20
     print("| variant | cache held | peak during prefill | peak after decoding | prefill time |")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from _austen import TEXT_DIR
+from _austen import read_book
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
@@ -31,7 +31,7 @@ QUESTION = "\n\nQuestion: Who is Emma's governess?\nAnswer:"
 def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
-    book = tokenizer((TEXT_DIR / "emma.txt").read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    book = tokenizer(read_book(None), add_special_tokens=False).input_ids
     document = torch.tensor([[tokenizer.convert_tokens_to_ids("<|endoftext|>"), *book[5000:9095]]])
     question = tokenizer(QUESTION, add_special_tokens=False, return_tensors="pt").input_ids
     full = torch.cat([document, question], dim=1)

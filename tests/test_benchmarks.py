@@ -44,6 +44,8 @@ def test_cache_quality_benchmark_small_run():
             "--configs",
             "K4V4 keep 0.5",
             "hqq:4",
+            "--text",
+            "python-docs",  # a user's clone has no Austen folder
         ],
         capture_output=True,
         text=True,
@@ -78,7 +80,11 @@ def test_results_plot_draws_each_figure_from_the_records(tmp_path):
 @pytest.mark.real_model
 def test_prefill_memory_benchmark_small_run():
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "prefill_memory.py"), "--context", "96", "--chunk", "32"],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "prefill_memory.py"),
+            *("--context", "96", "--chunk", "32", "--text", "python-docs"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
