@@ -25,10 +25,10 @@ import torch
 from _austen import TEXT_HELP, read_book
 
 from nexusquant_cache.eval import nexusquant, parse_method, perplexity_kl
-from nexusquant_cache.models import load_gemma3_270m, load_smollm2
+from nexusquant_cache.models import OFFLINE_MODELS
 
 CHUNK = 64
-DOCUMENT_START = {"smollm2": "<|endoftext|>", "gemma3": "<bos>"}
+DOCUMENT_START = {"smollm2": "<|endoftext|>", "gemma3": "<bos>", "qwen2.5-coder-0.5b": "<|endoftext|>"}
 CONFIGS = {
     "K4V4": dict(key_bits=4, value_bits=4),
     "K3V3": dict(key_bits=3, value_bits=3),
@@ -82,7 +82,7 @@ def main() -> None:
         help="names from CONFIGS, or method specs as `nexusquant-cache eval --methods` takes them "
         "(quanto:4, hqq:2, nq:key_bits=4,...)",
     )
-    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    parser.add_argument("--model", choices=list(OFFLINE_MODELS), default="smollm2")
     parser.add_argument("--text", help=TEXT_HELP)
     args = parser.parse_args()
     try:
@@ -93,7 +93,7 @@ def main() -> None:
     except ValueError as error:
         parser.error(f"{error}\nknown --configs names: {list(CONFIGS)}")
     torch.set_num_threads(2)
-    model, tokenizer = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m}[args.model]()
+    model, tokenizer = OFFLINE_MODELS[args.model]()
     book = tokenizer(read_book(args.text), add_special_tokens=False).input_ids
     start_token = tokenizer.convert_tokens_to_ids(DOCUMENT_START[args.model])
     # baselines.md's offsets (stride 50,000) up to 4 windows; more windows share Emma evenly.

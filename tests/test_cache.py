@@ -70,7 +70,7 @@ def test_quantized_cache_serves_exactly_its_decoded_codes(model):
     reference = DynamicCache(config=model.config)
     for index, layer in enumerate(cache.layers):
         layer.settle()
-        keys, values = (torch.cat([decode(s.old), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream))
+        keys, values = (torch.cat([s.old_states(), s.recent], dim=-2) for s in (layer.key_stream, layer.value_stream))
         reference.update(keys, values, index)
         if layer.is_sliding:
             reference.layers[index].cumulative_length = layer.seen
@@ -83,7 +83,10 @@ def test_quantized_cache_serves_exactly_its_decoded_codes(model):
 
 def test_tokens_are_encoded_once_in_blocks():
     torch.manual_seed(0)
-    layer = NexusQuantLayer(NexusQuantConfig(key_bits=4, value_bits=16, recent_window=5, block_size=3))
+    # Without conditioning, the codes are those of encode() itself.
+    layer = NexusQuantLayer(
+        NexusQuantConfig(key_bits=4, value_bits=16, recent_window=5, block_size=3, center_keys=False)
+    )
     tokens = torch.randn(1, 2, 20, 16)
     returned = []
     for start, stop in [(0, 4), (4, 8), (8, 9), (9, 15), (15, 20)]:
@@ -132,6 +135,9 @@ def test_stats_count_every_tensor_held(model):
         for stream in (layer.key_stream, layer.value_stream):
             # storage, not element counts: a view that kept a larger tensor alive would show here
             held += sum(t.untyped_storage().nbytes() for t in (stream.old.codes, stream.old.scales, stream.recent))
+            # key conditioning: offsets, scales, the sinks' exact keys, RoPE frequencies
+            held += sum(t.untyped_storage().nbytes() for t in stream._conditioning_tensors().values())
+        held += 0 if layer.shift is None else layer.shift.untyped_storage().nbytes()
     assert stats["bytes"]["total"] == held and stats["tokens_seen"] == stats["tokens_stored"] == 40
     assert stats["ratio"] == stats["baseline_bytes"] / held
 
@@ -139,8 +145,9 @@ def test_stats_count_every_tensor_held(model):
 def stored_keys(layer):
     """The keys a settled layer would hand to the next forward."""
     layer.settle()
-    recent = layer.key_stream.recent
-    return layer.key_stream.append(recent[..., :0, :])
+    stream = layer.key_stream
+    recent = stream.recent.to(stream.dtype)
+    return recent if stream.old is None else torch.cat([stream.old_states(), recent], dim=-2)
 
 
 def test_batch_operations_cover_codes_scales_and_window():
@@ -175,7 +182,7 @@ def test_half_precision_models(dtype):
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
     tokens, scores = generate(model, prompt(), cache)
     assert cache.layers[0].key_stream.recent.dtype == dtype
-    assert cache.layers[0].key_stream.old.dtype == dtype  # decodes back to the model's dtype
+    assert cache.layers[0].key_stream.old_states().dtype == dtype  # decodes back to the model's dtype
     torch.testing.assert_close(scores[0], expected_scores[0])  # the prefill is never quantized
     assert torch.isfinite(scores).all()
 
@@ -316,7 +323,7 @@ def test_centred_keys_remove_a_shared_channel_offset():
     offset[:4] = 40.0  # a few huge channels, as in Gemma 3's global layers
     keys = torch.randn(1, 2, 100, 64) + offset
     errors = {}
-    for center in (False, True):
+    for center in (False, None):  # off, automatic (no model: no RoPE, so the plain mean)
         layer = NexusQuantLayer(
             NexusQuantConfig(key_bits=3, value_bits=16, recent_window=0, block_size=1, center_keys=center)
         )
@@ -324,9 +331,13 @@ def test_centred_keys_remove_a_shared_channel_offset():
         stored = stored_keys(layer)
         errors[center] = ((stored - keys) ** 2).sum() / ((keys - keys.mean(-2, keepdim=True)) ** 2).sum()
     stream = layer.key_stream
-    torch.testing.assert_close(stream.offset, keys.half().float().mean(-2, keepdim=True))  # float16 window
-    torch.testing.assert_close(stored_keys(layer), decode(stream.old) + stream.offset)
-    assert layer.nbytes()["metadata"] == 2 * 64 * 4  # one float32 offset per head
-    assert errors[True] < 0.05 < 0.5 < errors[False]  # error relative to the tokens' own spread
-    with pytest.raises(ValueError, match="`center_keys` must be True or False"):
+    sinks = layer.config.sink_tokens  # stored exactly, left out of the mean
+    mean = keys[:, :, sinks:].half().float().mean(-2, keepdim=True)  # float16 window
+    torch.testing.assert_close(stream.conditioning.offset, mean)
+    torch.testing.assert_close(stored_keys(layer)[:, :, sinks:], decode(stream.old)[:, :, sinks:] + mean)
+    assert torch.equal(stored_keys(layer)[:, :, :sinks], keys[:, :, :sinks].half().float())
+    # float32 offsets and sink keys, the sinks' int64 indices, the layer's int64 position shift
+    assert layer.nbytes()["metadata"] == 2 * 64 * 4 + 2 * sinks * 64 * 4 + 2 * sinks * 8 + 8
+    assert errors[None] < 0.05 < 0.5 < errors[False]  # error relative to the tokens' own spread
+    with pytest.raises(ValueError, match="`center_keys` must be None \\(automatic\\), True or False"):
         NexusQuantConfig(center_keys="yes")

@@ -106,8 +106,9 @@ def test_errors_are_one_line_and_exit_1(tmp_path, model_folder, capsys):
     assert "`key_bits` must be one of" in capsys.readouterr().err
     assert main([*arguments, "llama-7b"]) == 1
     assert (
-        "--model must be 'smollm2', 'gemma3', a local model folder or a cached model name (set HF_HUB_OFFLINE=0 "
-        "to download a model name from the hub), but 'llama-7b' did not load" in capsys.readouterr().err
+        "--model must be 'smollm2', 'gemma3', 'qwen2.5-coder-0.5b', a local model folder or a cached model name "
+        "(set HF_HUB_OFFLINE=0 to download a model name from the hub), but 'llama-7b' did not load"
+        in capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
         main(["compress", "t.txt", "-o", "c.nqc", "--preset", "huge"])

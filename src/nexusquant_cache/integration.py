@@ -15,6 +15,9 @@
   transformers loads the module it patches (at once if it already has): the package's one
   import-time side effect. Both are idempotent.
 
+- Rotary embeddings: key conditioning reads each layer's RoPE frequencies from the model's
+  ``rotary_emb`` module (:func:`rotary_embeddings`).
+
 This module imports nothing of transformers (nor torch) at import: the package imports it to
 set up those two steps, and every function here imports what it touches when it runs.
 """
@@ -39,6 +42,7 @@ __all__ = [
     "build_cache_for_its_name",
     "capture_queries",
     "nexusquant_evict",
+    "rotary_embeddings",
 ]
 
 ATTENTION_NAME = "nexusquant"
@@ -65,6 +69,31 @@ def _register_attention() -> None:
 
     AttentionInterface.register(ATTENTION_NAME, attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def rotary_embeddings(model: PreTrainedModel) -> list:
+    """Per decoder layer, the model's rotary embedding as a :class:`~nexusquant_cache.conditioning.Rope`
+    (None where the model has none we can read): the frequencies of its ``rotary_emb`` module,
+    per layer type where it has several (Gemma 3). Key conditioning only needs them to be good,
+    not exact: it adds back exactly what it took away."""
+    import torch
+
+    from .conditioning import Rope
+
+    text_config = model.config.get_text_config(decoder=True)
+    layers = text_config.num_hidden_layers
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    module = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"), None)
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * layers
+    ropes = []
+    for layer_type in layer_types:
+        inv_freq = getattr(module, f"{layer_type}_inv_freq", None)
+        scaling = getattr(module, f"{layer_type}_attention_scaling", None)
+        if inv_freq is None:
+            inv_freq, scaling = getattr(module, "inv_freq", None), getattr(module, "attention_scaling", 1.0)
+        usable = isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1 and 0 < 2 * len(inv_freq) <= head_dim
+        ropes.append(Rope(inv_freq.detach().float().cpu().clone(), float(scaling or 1.0)) if usable else None)
+    return ropes
 
 
 # id(model) -> [weak reference to the model, its previous attention implementation, users]

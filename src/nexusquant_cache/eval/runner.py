@@ -178,7 +178,9 @@ def run_eval(
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``eval`` options to ``parser`` (a subcommand's parser); :func:`main` runs them."""
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, a model folder or name")
+    parser.add_argument(
+        "--model", default="smollm2", help="smollm2, gemma3, qwen2.5-coder-0.5b, a model folder or name"
+    )
     parser.add_argument(
         "--text",
         default=DEFAULT_TEXT,
