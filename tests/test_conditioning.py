@@ -405,7 +405,7 @@ def test_save_load_keeps_conditioning_and_guard(tmp_path, center, guarded):
     for record in contents.layers:
         if center is None:
             assert {"keys.offset", "keys.exact", "keys.rope_inv_freq"} <= set(record.tensors), sorted(record.tensors)
-            assert record.state["keys"]["conditioning"]["rope_scaling"] == 1.0
+            assert record.state["keys"]["conditioned"] is True and record.state["keys"]["rope_scaling"] == 1.0
             assert record.tensors["keys.exact"].shape[-2] == 4
         else:
             assert record.state["keys"]["guarded"] is True and "keys.offset" not in record.tensors
@@ -524,3 +524,124 @@ def test_left_padded_rows_keep_their_sinks_exact_without_eviction():
         stored = layer.key_stream.old_states()
         assert torch.equal(stored[1, :, :4], reference.keys[1, :, :4].half().float())  # unpadded row: exact
         assert torch.equal(stored[0, :, 6:10], reference.keys[0, :, 6:10].half().float())  # padded row: fails
+
+
+# Defects a hostile review found, each pinned by a test.
+
+
+def test_batch_operations_before_the_first_encode_remap_the_pending_queries():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    cache = NexusQuantCache(NexusQuantConfig(key_bits=4, value_bits=4, recent_window=8, block_size=8), model=model)
+    with torch.no_grad():
+        model(ids_of(6, batch=2), cache=cache)  # nothing encoded yet: the queries wait for the first encode
+        cache.batch_repeat_interleave(2)
+        assert cache.layers[0].key_stream.queries.shape[0] == 4
+        out = model(ids_of(12, batch=4, seed=2), cache=cache, position_ids=torch.arange(6, 18).expand(4, -1))
+    cache.stats()  # settles: the first encode fits on the remapped queries
+    assert torch.isfinite(out.logits).all() and cache.layers[0].key_stream.conditioning is not None
+
+
+def padded_batch(length=40, pads=20):
+    ids = ids_of(length, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :pads] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_left_padding_neither_trips_the_guard_nor_moves_the_sinks(chunk):
+    """A padded row's first block may be nothing but padding (in chunks, a whole chunk): the guard
+    and the fit look at real tokens only, and the row's sinks are its real first tokens."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    ids, mask = padded_batch()
+    config = NexusQuantConfig(key_bits=4, value_bits=4, recent_window=4, block_size=4)
+    cache = NexusQuantCache(config, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no guard warning
+        model.generate(
+            ids, attention_mask=mask, cache=cache, max_new_tokens=2, prefill_chunk_size=chunk, pad_token_id=0
+        )
+    assert cache.stats()["guarded_layers"] == [] and cache.stats()["ratio"] > 1.5
+    layer = cache.layers[0]
+    assert layer.shift.flatten().tolist() == [-20, 0]
+    assert layer.key_stream.exact_index[0, 0].tolist() == [20, 21, 22, 23]  # row 0's real first tokens
+    assert layer.key_stream.exact_index[1, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_an_eager_model_keeps_its_attention_implementation():
+    model = LlamaForCausalLM._from_config(tiny_llama().config, attn_implementation="eager").eval()
+    cache = NexusQuantCache(NexusQuantConfig(key_bits=4, value_bits=4), model=model)  # evicts nothing
+    assert model.config._attn_implementation == "eager" and cache.layers[0].sees_queries is False
+
+
+def test_a_guarded_float32_layer_holds_float16_old_keys():
+    model = biased_llama()
+    cache = NexusQuantCache(NexusQuantConfig(**GUARD, center_keys=False), model=model)
+    caught, _ = continuation(model, cache)
+    assert any("distort" in str(w.message) for w in caught)
+    stream = cache.layers[cache.stats()["guarded_layers"][0]].key_stream
+    assert stream.old.dtype == torch.float16 and stream.recent.dtype == torch.float16
+    assert stream.old_states().dtype == torch.float32
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_a_cache_saved_before_its_first_encode_continues_exactly(tmp_path, with_model):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    config = NexusQuantConfig(key_bits=4, value_bits=4, recent_window=8, block_size=8)
+    cache = NexusQuantCache(config, model=model)
+    prompt = ids_of(10)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+    assert cache.layers[0].key_stream.queries is not None  # waiting for the first encode
+    cache.save(tmp_path / "early.nqc")
+    if with_model:
+        loaded = NexusQuantCache.load(tmp_path / "early.nqc", model=model)
+    else:
+        with pytest.warns(UserWarning, match="without `model=`"):
+            loaded = NexusQuantCache.load(tmp_path / "early.nqc")
+    assert loaded.layers[0].key_stream.rope is not None  # saved: a load without the model has it too
+    more = ids_of(20, seed=4)
+    positions = torch.arange(10, 30)[None]
+    with torch.no_grad():
+        model(more, cache=cache, position_ids=positions)  # the first encode comes at the next forward
+        model(more, cache=loaded, position_ids=positions)
+        expected = model(ids_of(1, seed=5), cache=cache, position_ids=torch.tensor([[30]])).logits
+        actual = model(ids_of(1, seed=5), cache=loaded, position_ids=torch.tensor([[30]])).logits
+    assert loaded.layers[0].key_stream.conditioning.rope is not None
+    if with_model:
+        assert torch.equal(actual, expected)
+    else:  # no queries after the load: the saved ones alone pick the scale, so close, not equal
+        torch.testing.assert_close(actual, expected, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t, s: s.update(guarded=True, bits=16), "a guarded side holds no codes"),
+        (lambda t, s: t.update({"keys.exact": t["keys.exact"][:, :, :1]}), "exact .* is not floating"),
+        (lambda t, s: t.update({"keys.scale": torch.zeros_like(t["keys.offset"])}), "scale must be > 0"),
+        (lambda t, s: t["keys.offset"].fill_(float("nan")), "offset must be finite"),
+        (lambda t, s: t["keys.rope_inv_freq"].fill_(float("inf")), "rope_inv_freq must be finite"),
+        (lambda t, s: t.update({"values.offset": t["keys.offset"].clone()}), "values: holds key conditioning"),
+    ],
+)
+def test_crafted_conditioning_state_is_refused_on_load(tmp_path, change, message):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    cache = NexusQuantCache(NexusQuantConfig(key_bits=4, value_bits=4, recent_window=4, block_size=4), model=model)
+    with torch.no_grad():
+        model(ids_of(40), cache=cache)
+    cache.save(tmp_path / "c.nqc")
+    contents = io.read(tmp_path / "c.nqc")
+    record = contents.layers[0]
+    if "keys.scale" not in record.tensors:
+        record.tensors["keys.scale"] = torch.ones_like(record.tensors["keys.offset"])
+    if "values" in message:
+        record.state["values"]["conditioned"] = True
+    change(record.tensors, record.state["keys"])
+    io.write(tmp_path / "crafted.nqc", contents)
+    with pytest.raises(io.CacheFileError, match=message):
+        NexusQuantCache.load(tmp_path / "crafted.nqc", model=model)

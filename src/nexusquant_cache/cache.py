@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from . import io
 from .config import NexusQuantConfig
-from .integration import capture_queries, rotary_embeddings
+from .integration import ATTENTION_NAME, capture_queries, rotary_embeddings
 from .io import CacheFileError, PromptMismatchError
 from .layer import ATTENTION_SCORERS, NexusQuantLayer
 
@@ -87,9 +87,11 @@ class NexusQuantCache(Cache):
         else:
             ropes = rotary_embeddings(model) if model is not None else None
             super().__init__(layers=_layers_for(model_config, config, scorer, ropes))
-        # Queries also serve every layer's first key encode: conditioning and guard (layer.py).
+        # Queries also serve every layer's first key encode (conditioning and guard, layer.py), where
+        # the model runs SDPA already: capture runs SDPA, and must not switch an eager model to it.
         keys_quantized = any(layer.key_stream.bits < 16 for layer in self.layers)
-        if model is not None and (wants_queries or keys_quantized):
+        on_sdpa = model is not None and model.config._attn_implementation in ("sdpa", ATTENTION_NAME)
+        if model is not None and (wants_queries or keys_quantized and on_sdpa):
             release = capture_queries(model)
             if release is None and wants_queries:
                 warnings.warn(

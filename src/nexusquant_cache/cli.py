@@ -126,7 +126,7 @@ def _progress(label: str) -> Callable[[int, int], None]:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .cache import NexusQuantCache
-    from .io import FORMAT_VERSION
+    from .io import read
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no model to check against: inspect only describes the file
@@ -135,7 +135,7 @@ def _inspect(args: argparse.Namespace) -> int:
     report = {
         "file": str(args.file),
         "file_bytes": Path(args.file).stat().st_size,
-        "format_version": FORMAT_VERSION,
+        "format_version": read(args.file).version,
         "model": cache.fingerprint,
         "layers": [layer.sliding_window or "full" for layer in cache.layers],
         "prompt": cache.prompt,
@@ -147,7 +147,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     model = cache.fingerprint
     sliding = sum(layer.is_sliding for layer in cache.layers)
-    print(f"file            {report['file']} ({report['file_bytes']:,} bytes, format version {FORMAT_VERSION})")
+    print(
+        f"file            {report['file']} ({report['file_bytes']:,} bytes, format version {report['format_version']})"
+    )
     print("model           " + ", ".join(f"{key} {value}" for key, value in model.items() if value is not None))
     print(
         f"layers          {len(cache.layers)} ({len(cache.layers) - sliding} full attention, {sliding} sliding window)"

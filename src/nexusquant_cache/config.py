@@ -52,7 +52,7 @@ class NexusQuantConfig:
             attention scorers need the model's queries (pass ``model=``); without a model the
             cache uses ``"keynorm"``.
         observation_window: queries per forward that ``"snapkv"`` scores with.
-        center_keys: key conditioning (see docs/concepts.md): ``None`` (default) or ``True``
+        center_keys: key conditioning (see docs/cache.md, "Key conditioning"): ``None`` (default) or ``True``
             conditions keys automatically, per layer and KV head: the mean key is removed with
             RoPE undone (the model's own frequencies), the sink tokens' keys are stored exactly,
             and where the model's queries were seen a per-channel scale is fitted. ``False``

@@ -83,7 +83,8 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
     text_config = model.config.get_text_config(decoder=True)
     layers = text_config.num_hidden_layers
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    module = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"), None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # not a vision tower's
+    module = next((m for name, m in decoder.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"), None)
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * layers
     ropes = []
     for layer_type in layer_types:
@@ -92,7 +93,7 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
         if inv_freq is None:
             inv_freq, scaling = getattr(module, "inv_freq", None), getattr(module, "attention_scaling", 1.0)
         usable = isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1 and 0 < 2 * len(inv_freq) <= head_dim
-        ropes.append(Rope(inv_freq.detach().float().cpu().clone(), float(scaling or 1.0)) if usable else None)
+        ropes.append(Rope(inv_freq.detach().float().clone(), float(scaling or 1.0)) if usable else None)
     return ropes
 
 

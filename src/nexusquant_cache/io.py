@@ -80,6 +80,7 @@ class CacheFile:
     model: dict
     prompt: dict | None
     layers: list[LayerRecord]
+    version: int = FORMAT_VERSION  # the format version the file was written in
 
 
 def model_fingerprint(model_config: PretrainedConfig, dtype: torch.dtype | str | None = None) -> dict:
@@ -183,7 +184,9 @@ def read(path: str | os.PathLike) -> CacheFile:
     if not isinstance(metadata.get("sha256"), str) or metadata["sha256"] != _checksum(metadata, tensors):
         raise CacheFileError(f"{path} is damaged: its sha256 checksum does not match its contents")
     try:
-        return _parse(json.loads(metadata["header"]), tensors)
+        contents = _parse(json.loads(metadata["header"]), tensors)
+        contents.version = int(metadata["format_version"])
+        return contents
     except (ValueError, TypeError, KeyError) as error:
         raise CacheFileError(f"{path} has an invalid header: {error}") from None
 

@@ -71,6 +71,7 @@ class KVStream:
         self.conditioning: KeyConditioning | None = None
         self.exact: Tensor | None = None  # [B, H, exact_tokens, d]: the sinks' states, exact
         self.exact_index: Tensor | None = None  # int64 [B, H, exact_tokens]: where they are in old, or -1
+        self._sinks_held: bool | None = None  # whether no slot is -1; None: not known since the last change
         self.rope: Rope | None = None
         self.queries: Tensor | None = None
         self.guarded: bool = False
@@ -95,7 +96,8 @@ class KVStream:
         """Add ``states`` [B, H, q, d]; return every stored state, the new ones last (exact)."""
         self.dtype = states.dtype
         held = self.recent
-        narrow = self.bits < 16 and states.element_size() > 2 and (held is None or held.dtype == torch.float16)
+        quantized = self.bits < 16 or self.guarded  # a guarded side keeps the float16 window it had
+        narrow = quantized and states.element_size() > 2 and (held is None or held.dtype == torch.float16)
         if narrow and states.abs().amax() <= _FLOAT16_MAX:
             stored = states.half()
         else:  # a value beyond float16's range: this stream's window stays at full width from now on
@@ -108,7 +110,7 @@ class KVStream:
 
     def old_states(self) -> Tensor:
         """The old tokens [B, H, T_old, d] as attention sees them, in the model's dtype."""
-        return self._decode(self.old, None) if isinstance(self.old, Encoded) else self.old
+        return self._decode(self.old, None) if isinstance(self.old, Encoded) else self.old.to(self.dtype)
 
     def _decode(self, old: Encoded, index: Tensor | None) -> Tensor:
         """States of the old tokens ``old`` (all of them, or those at ``index`` [B, H, K] when
@@ -118,12 +120,14 @@ class KVStream:
             positions = self._old_positions()
             if index is not None and self.conditioning.rope is not None:
                 positions = torch.gather(positions.expand(*index.shape[:2], -1), -1, index)
-            states = self.conditioning.inverse(states, positions).to(self.dtype)
+            states = self.conditioning.inverse(states, positions, reuse=True).to(self.dtype)
         else:
             states = states.to(self.dtype)
         if self.exact is not None:
             exact = self.exact.to(states.dtype)
-            if index is None:
+            if index is None and self._all_sinks_held():  # the usual case: one scatter, no host sync
+                states.scatter_(-2, self.exact_index[..., None].expand_as(exact), exact)
+            elif index is None:
                 batch, head, slot = (self.exact_index >= 0).nonzero(as_tuple=True)
                 states[batch, head, self.exact_index[batch, head, slot]] = exact[batch, head, slot]
             else:
@@ -131,6 +135,12 @@ class KVStream:
                 rows = _take(exact, match.to(torch.int8).argmax(-1))
                 states = torch.where(match.any(-1)[..., None], rows, states)
         return states
+
+    def _all_sinks_held(self) -> bool:
+        """Whether every slot of ``exact`` holds a token (asked once per change of ``exact_index``)."""
+        if self._sinks_held is None:
+            self._sinks_held = bool((self.exact_index >= 0).all())
+        return self._sinks_held
 
     def _old_positions(self) -> Tensor:
         """Positions [B or 1, H or 1, T_old] of the old tokens (only asked for when RoPE is known)."""
@@ -171,7 +181,7 @@ class KVStream:
         if self.exact is not None:  # follow the kept sinks to their new indices (sinks are never evicted)
             new = torch.searchsorted(where, self.exact_index.clamp(min=0)).clamp(max=where.shape[-1] - 1)
             found = (self.exact_index >= 0) & (where.gather(-1, new) == self.exact_index)
-            self.exact_index = torch.where(found, new, -1)
+            self.exact_index, self._sinks_held = torch.where(found, new, -1), None
         if self.exact_tokens and self.bits < 16 and n_moving:
             # Picked row r lands at index n_old + r; rows beyond a head's count only pad the list.
             index = n_old + rank[:n_moving]
@@ -197,6 +207,7 @@ class KVStream:
         slot = positions[b, h, m].long()
         self.exact[b, h, slot] = states[b, h, m].to(self.exact.dtype)
         self.exact_index[b, h, slot] = index.expand(batch, heads, count)[b, h, m].long()
+        self._sinks_held = None
 
     def gather(self, index: Tensor, leaving: int) -> Tensor:
         """States [B, H, E, d] of the candidates ``index`` [B, H, E] (old tokens, then the
@@ -207,8 +218,7 @@ class KVStream:
         if old_length:
             inside = index.clamp(max=old_length - 1)
             old = _take(self.old, inside)
-            if isinstance(old, Encoded):
-                old = self._decode(old, inside)
+            old = self._decode(old, inside) if isinstance(old, Encoded) else old.to(self.dtype)
             states = old if states is None else torch.where((index < old_length)[..., None], old, states)
         return states
 
@@ -236,22 +246,18 @@ class KVStream:
             self.recent = self.recent[..., count - from_old :, :].clone()
 
     def _needs_positions(self) -> bool:
-        """Whether encoding needs the tokens' positions: to find the sinks, or for a RoPE-aware
-        conditioning, fitted or to come."""
-        if self.bits == 16:
-            return False
-        if self.exact_tokens:
-            return True
-        return self.rope is not None if self.conditioning is None else self.conditioning.rope is not None
+        """Whether encoding needs the tokens' positions: to find the sinks, or for RoPE-aware conditioning."""
+        return self.bits < 16 and (bool(self.exact_tokens) or self._rope_held() is not None)
 
     def _store(self, states: Tensor, positions: Tensor | None) -> Encoded | Tensor:
         if self.bits == 16 or states.shape[-2] == 0:
             return states
+        window = states
         states = states.to(self.dtype)  # a float16 window encodes as the model's dtype
         if self.conditioning is None and (self.conditioned or self.queries is not None):
             self._fit(states, positions)
-            if self.bits == 16:
-                return states
+            if self.guarded:
+                return window  # as the window held it: widening float16 to float32 would gain nothing
         if self.conditioning is not None:
             states = self.conditioning.forward(states, positions)
         return encode(states, self.bits, self.config.method, self.config.seed)
@@ -260,30 +266,25 @@ class KVStream:
         """Fit the conditioning on the first tokens encoded and run the guard where queries were seen."""
         rope = self.rope if positions is not None else None
         queries, self.queries = self.queries, None
+        method, seed = self.config.method, self.config.seed
         if self.conditioned:
             self.conditioning, error = fit_key_conditioning(
-                states, positions, rope, queries, self.bits, self.config.method, self.config.seed, self.exact_tokens
+                states, positions, rope, queries, self.bits, method, seed, self.exact_tokens
             )
-        else:  # not conditioned: the guard still measures the plain codec
+        elif queries is not None:  # not conditioned: the guard still measures the plain codec
             identity = KeyConditioning(torch.zeros_like(states[..., :1, :], dtype=torch.float32))
-            error = (
-                None
-                if queries is None
-                else logit_error(
-                    queries,
-                    states[..., :: max(1, states.shape[-2] // 256), :],
-                    identity,
-                    torch.zeros(1, 1, 1),
-                    self.bits,
-                    self.config.method,
-                    self.config.seed,
-                )
-            )
+            stride = max(1, states.shape[-2] // 256)
+            counted = None if positions is None else (positions >= 0).expand(*states.shape[:-1])[..., ::stride]
+            probe = states[..., ::stride, :]
+            error = logit_error(queries, probe, identity, torch.zeros(1, 1, 1), self.bits, method, seed, counted)
+        else:
+            error = None
         if error is None:
             return
         self.logit_error = error.amax(0).tolist()
-        if max(self.logit_error) > guard_limit(self.bits):
-            times = max(self.logit_error) / (guard_limit(self.bits) / GUARD_FACTOR)
+        limit = guard_limit(self.bits, method)
+        if max(self.logit_error) > limit:
+            times = max(self.logit_error) / (limit / GUARD_FACTOR)
             warnings.warn(
                 f"NexusQuantCache: a layer's {self.bits}-bit keys would distort its attention logits {times:.0f}x "
                 "beyond the codec's normal error; that layer keeps its keys at full precision "
@@ -301,7 +302,9 @@ class KVStream:
         elif self.old is not None:
             self.old = fn(self.old)
         if self.exact is not None:
-            self.exact, self.exact_index = fn(self.exact), fn(self.exact_index)
+            self.exact, self.exact_index, self._sinks_held = fn(self.exact), fn(self.exact_index), None
+        if self.queries is not None:
+            self.queries = fn(self.queries)
         if self.conditioning is not None:
             self.conditioning.map_batch(fn)
 
@@ -320,26 +323,31 @@ class KVStream:
         return batch * heads * tokens * dim
 
     def _conditioning_tensors(self) -> dict[str, Tensor]:
-        conditioning = self.conditioning
-        if conditioning is None:
-            return {}
-        tensors = {"offset": conditioning.offset, "scale": conditioning.scale}
-        tensors |= {"exact": self.exact, "exact_index": self.exact_index}
-        if conditioning.rope is not None:
-            tensors["rope_inv_freq"] = conditioning.rope.inv_freq
+        """The key conditioning's tensors, and what a fit still to come needs: the model's RoPE
+        frequencies and the queries seen so far."""
+        tensors = {"exact": self.exact, "exact_index": self.exact_index, "queries": self.queries}
+        if self.conditioning is not None:
+            tensors |= {"offset": self.conditioning.offset, "scale": self.conditioning.scale}
+        if self._rope_held() is not None:
+            tensors["rope_inv_freq"] = self.rope.inv_freq
         return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+    def _rope_held(self) -> Rope | None:
+        """The RoPE the conditioning uses (fitted) or will use (to come)."""
+        if self.conditioning is not None:
+            return self.conditioning.rope
+        return self.rope if self.conditioned and self.bits < 16 else None
 
     def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
         """Every tensor held, by name (``codes``/``scales`` or ``old``, ``recent``, and the
-        conditioning's ``offset``, ``scale``, ``exact``, ``exact_index``, ``rope_inv_freq``), and what
-        :meth:`restore` needs besides them."""
+        conditioning's ``offset``, ``scale``, ``exact``, ``exact_index``, ``rope_inv_freq``,
+        ``queries``), and what :meth:`restore` needs besides them."""
         tensors = {"recent": self.recent, **self._conditioning_tensors()}
-        state = {"bits": self.bits, "old": None, "guarded": self.guarded}
+        rope = self._rope_held()
+        state = {"bits": self.bits, "old": None, "guarded": self.guarded, "conditioned": self.conditioning is not None}
+        state["rope_scaling"] = None if rope is None else rope.scaling
         if self.logit_error is not None:
             state["logit_error"] = self.logit_error
-        if self.conditioning is not None:
-            rope = self.conditioning.rope
-            state["conditioning"] = {"rope_scaling": None if rope is None else rope.scaling}
         if isinstance(self.old, Encoded):
             tensors |= {"codes": self.old.codes, "scales": self.old.scales}
             state |= {"old": "codes", "method": self.old.method.value, "seed": self.old.seed}
@@ -351,8 +359,8 @@ class KVStream:
 
     def restore(self, tensors: dict[str, Tensor], state: dict) -> None:
         """Take back what :meth:`state_tensors` gave, once it is checked to fit this stream; a
-        ValueError says what does not. Files of format version 1 hold a plain ``offset`` (the
-        mean key, before ``center_keys`` became automatic conditioning) and nothing else."""
+        ValueError says what does not. Files of format version 1 hold at most a plain key
+        ``offset`` (the mean key, before ``center_keys`` became automatic conditioning)."""
         if not isinstance(state, dict):
             raise ValueError(f"stream state must be a dict, not {state!r}")
         guarded = state.get("guarded", False)
@@ -362,20 +370,23 @@ class KVStream:
                 f"{self.bits} bits"
             )
         kind = state.get("old")
-        if kind not in _OLD_TENSORS:
-            raise ValueError(f"old part {kind!r} is none of {list(_OLD_TENSORS)}")
-        described = state.get("conditioning")
-        legacy = "conditioning" not in state and "offset" in tensors and kind == "codes"
+        if kind not in _OLD_TENSORS or (guarded and kind == "codes"):
+            raise ValueError(f"old part {kind!r} is none of {list(_OLD_TENSORS)} (a guarded side holds no codes)")
+        version_1 = "conditioned" not in state
+        conditioned = "offset" in tensors if version_1 else state["conditioned"]
+        rope_scaling = None if version_1 else state.get("rope_scaling")
+        if not isinstance(conditioned, bool) or (conditioned or rope_scaling is not None) and not self.conditioned:
+            raise ValueError(f"holds key conditioning ({conditioned!r}, RoPE {rope_scaling!r}) that this side has not")
+        if guarded and (conditioned or rope_scaling is not None):
+            raise ValueError("a guarded side holds no conditioning")
         expected = {"recent", *_OLD_TENSORS[kind]}
-        if legacy:
-            expected.add("offset")
-        elif described is not None:
-            if not isinstance(described, dict) or set(described) != {"rope_scaling"}:
-                raise ValueError(f"conditioning must be {{'rope_scaling': number or null}}, not {described!r}")
-            expected |= {"offset"} | {name for name in ("scale",) if name in tensors}
+        if conditioned:
+            expected |= {"offset", *(name for name in ("scale",) if name in tensors)}
+        if not version_1:
+            expected |= {name for name in ("queries",) if name in tensors}
             if "exact" in tensors or "exact_index" in tensors:
                 expected |= {"exact", "exact_index"}
-            if described["rope_scaling"] is not None:
+            if rope_scaling is not None:
                 expected.add("rope_inv_freq")
         if set(tensors) != expected:
             raise ValueError(f"has tensors {sorted(tensors)} but needs {sorted(expected)}")
@@ -402,45 +413,63 @@ class KVStream:
                 raise ValueError(
                     f"old states {_describe(old)} do not fit recent {list(recent.shape)} at {state['bits']} bits"
                 )
-        conditioning, exact, exact_index = None, None, None
-        if "offset" in expected:
-            conditioning, exact, exact_index = _restore_conditioning(tensors, described, (batch, heads, dim), old)
+        rope = _restore_rope(tensors.get("rope_inv_freq"), rope_scaling, dim)
+        conditioning = None
+        if conditioned:
+            conditioning = KeyConditioning(
+                _checked_float(tensors, "offset", (batch, heads, 1, dim)),
+                _checked_float(tensors, "scale", (batch, heads, 1, dim), positive=True),
+                rope,
+            )
+        exact, exact_index = tensors.get("exact"), tensors.get("exact_index")
+        if exact is not None:
+            slots = self.exact_tokens
+            if exact.dim() != 4 or tuple(exact.shape) != (batch, heads, slots, dim) or not exact.is_floating_point():
+                raise ValueError(f"exact {_describe(exact)} is not floating [{batch}, {heads}, {slots}, {dim}]")
+            if exact_index.dtype != torch.long or tuple(exact_index.shape) != (batch, heads, slots):
+                raise ValueError(
+                    f"exact_index must be int64 [{batch}, {heads}, {slots}] but is {_describe(exact_index)}"
+                )
+            if ((exact_index < -1) | (exact_index >= _length(old))).any():
+                raise ValueError(f"exact_index must be -1 or an index below {_length(old)} (the old tokens)")
+        queries = tensors.get("queries")
+        if queries is not None and (
+            queries.dim() != 4 or queries.shape[0] != batch or queries.shape[1] % heads or queries.shape[-1] != dim
+        ):
+            raise ValueError(f"queries {_describe(queries)} are not [{batch}, a multiple of {heads}, Q, {dim}]")
         error = state.get("logit_error")
         if error is not None and (not isinstance(error, list) or not all(isinstance(e, float) for e in error)):
             raise ValueError(f"logit_error must be a list of numbers, not {error!r}")
         if guarded:
             self.bits, self.exact_tokens = 16, 0
-        self.old, self.recent, self.conditioning = old, recent, conditioning
-        self.exact, self.exact_index = exact, exact_index
+        self.old, self.recent, self.conditioning, self.queries = old, recent, conditioning, queries
+        self.exact, self.exact_index, self._sinks_held = exact, exact_index, None
         self.guarded, self.logit_error = guarded, error
+        if rope is not None or not version_1 and self.conditioned:
+            self.rope = rope  # the file's, as the saved cache had it
 
 
-def _restore_conditioning(tensors: dict, described: dict | None, shape: tuple, old):
-    """The KeyConditioning and exact rows a stream's tensors describe, checked."""
-    batch, heads, dim = shape
-    rope = None
-    for name in ("offset", "scale"):
-        tensor = tensors.get(name)
-        if tensor is not None and (tuple(tensor.shape) != (batch, heads, 1, dim) or not tensor.is_floating_point()):
-            raise ValueError(f"{name} {_describe(tensor)} is not floating [{batch}, {heads}, 1, {dim}]")
-    if described is not None and described["rope_scaling"] is not None:
-        inv_freq, scaling = tensors["rope_inv_freq"], described["rope_scaling"]
-        if inv_freq.dim() != 1 or not 0 < 2 * inv_freq.shape[0] <= dim or inv_freq.dtype != torch.float32:
-            raise ValueError(f"rope_inv_freq must be float32 [1 .. {dim // 2}], not {_describe(inv_freq)}")
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
-            raise ValueError(f"rope_scaling must be a number > 0, not {scaling!r}")
-        rope = Rope(inv_freq, float(scaling))
-    exact, exact_index = tensors.get("exact"), tensors.get("exact_index")
-    if exact is not None:
-        slots = exact.shape[-2] if exact.dim() == 4 else -1
-        if exact.dim() != 4 or exact.shape[:2] != (batch, heads) or exact.shape[-1] != dim:
-            raise ValueError(f"exact {_describe(exact)} does not fit [{batch}, {heads}, slots, {dim}]")
-        if exact_index.dtype != torch.long or tuple(exact_index.shape) != (batch, heads, slots):
-            raise ValueError(f"exact_index must be int64 [{batch}, {heads}, {slots}] but is {_describe(exact_index)}")
-        if ((exact_index < -1) | (exact_index >= _length(old))).any():
-            raise ValueError(f"exact_index must be -1 or an index below {_length(old)} (the old tokens)")
-    offset = tensors["offset"].float()
-    return KeyConditioning(offset, tensors.get("scale"), rope), exact, exact_index
+def _checked_float(tensors: dict, name: str, shape: tuple, positive: bool = False) -> Tensor | None:
+    tensor = tensors.get(name)
+    if tensor is None:
+        return None
+    if tuple(tensor.shape) != shape or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must be finite floating {list(shape)} but is {_describe(tensor)}")
+    if positive and not (tensor > 0).all():
+        raise ValueError(f"{name} must be > 0 everywhere")
+    return tensor.float()
+
+
+def _restore_rope(inv_freq: Tensor | None, scaling, dim: int) -> Rope | None:
+    if scaling is None:
+        return None
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 1e-6 < scaling < 1e6:
+        raise ValueError(f"rope_scaling must be a number in (1e-6, 1e6), not {scaling!r}")
+    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1 or not 0 < 2 * inv_freq.shape[0] <= dim:
+        raise ValueError(f"rope_inv_freq must be float32 [1 .. {dim // 2}], not {_describe(inv_freq)}")
+    if not torch.isfinite(inv_freq).all():
+        raise ValueError("rope_inv_freq must be finite")
+    return Rope(inv_freq, float(scaling))
 
 
 def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
@@ -513,15 +542,26 @@ def _positions(query_length: int, seen: int, kwargs: dict, device: torch.device)
     return position_ids.masked_fill(padding, PAD)
 
 
-def _shift(key_states: Tensor, seen: int, kwargs: dict) -> Tensor:
+# The shift of a row that has shown nothing but padding so far: its tokens then sit at very
+# negative positions (never sinks, never in the conditioning's statistics), until a real token
+# fixes the row's shift; the padding's keys are masked anyway.
+UNKNOWN_SHIFT = -(1 << 40)
+
+
+def _shift(previous: Tensor | None, key_states: Tensor, seen: int, kwargs: dict) -> Tensor:
     """Position minus index [B, 1] of the tokens of a layer that records no positions: left
-    padding starts each row's positions later (the padding's own are never attended to)."""
+    padding starts each row's positions later. A row's shift is fixed by its first real token
+    (one whose position is above the one before it, as padding's is not)."""
     batch, length = key_states.shape[0], key_states.shape[-2]
     position_ids = kwargs.get("kwargs", kwargs).get("position_ids")
     if position_ids is None:
-        return torch.zeros(batch, 1, dtype=torch.long, device=key_states.device)
-    last = position_ids[:, -1:].to(key_states.device, torch.long) - (seen + length - 1)
-    return last.expand(batch, 1).contiguous()
+        return torch.zeros(batch, 1, dtype=torch.long, device=key_states.device) if previous is None else previous
+    position_ids = position_ids.to(key_states.device, torch.long).expand(batch, -1)
+    last = position_ids[:, -1:] - (seen + length - 1)
+    real = position_ids[:, -1:] > position_ids[:, -2:-1] if length > 1 else torch.ones_like(last, dtype=torch.bool)
+    if previous is None:
+        return torch.where(real, last, UNKNOWN_SHIFT)
+    return torch.where((previous == UNKNOWN_SHIFT) & real, last, previous)
 
 
 class NexusQuantLayer(CacheLayerMixin):
@@ -565,6 +605,7 @@ class NexusQuantLayer(CacheLayerMixin):
         # float16 [B, H, T_stored], only when evicting by score (streaming ranks by position)
         self.scores: Tensor | None = None
         self.shift: Tensor | None = None  # int64 [B, 1]: position minus index of the tokens, when not evicting
+        self._shift_pending = False  # some row has shown only padding so far
         self.seen = 0
         self._unsettled = False
         self.is_initialized = False
@@ -587,8 +628,9 @@ class NexusQuantLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.evicts:
             self._record(key_states, kwargs)
-        elif self.shift is None and self.key_stream._needs_positions():
-            self.shift = _shift(key_states, self.seen, kwargs)
+        elif self.key_stream._needs_positions() and (self.shift is None or self._shift_pending):
+            self.shift = _shift(self.shift, key_states, self.seen, kwargs)
+            self._shift_pending = bool((self.shift == UNKNOWN_SHIFT).any())
         self.seen += key_states.shape[-2]
         keys, values = self.key_stream.append(key_states), self.value_stream.append(value_states)
         self._unsettled = True
@@ -791,6 +833,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 found = "nothing" if tensor is None else _describe(tensor)
                 raise ValueError(f"{name} must be {kind} [{batch}, {heads}, {stored}] but is {found}")
         self.positions, self.scores, self.shift = tensors.get("positions"), tensors.get("scores"), shift
+        self._shift_pending = shift is not None and bool((shift == UNKNOWN_SHIFT).any())
         self.seen = seen
         self.device = keys.recent.device
         self.is_initialized = True

