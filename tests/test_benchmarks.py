@@ -56,7 +56,8 @@ def test_cache_quality_benchmark_small_run():
     assert records["DynamicCache"]["ppl_change"] == 0 and records["DynamicCache"]["ratio"] == 1
     compressed = records["K4V4 keep 0.5"]
     assert compressed["ratio"] > 2 and compressed["kl"] > 0  # real bytes saved, a real (small) loss
-    assert compressed["ratio_16bit"] == compressed["ratio"]  # our window is float16 already
+    # Our window and sink keys are float16 already; only the float32 key offsets and scales (a few kB) are not.
+    assert compressed["ratio_16bit"] == pytest.approx(compressed["ratio"], rel=0.02)
     peer = records["hqq int4"]  # a method spec runs the peer in the same harness
     assert peer["kl"] > 0 and peer["ratio_16bit"] > peer["ratio"] > 1  # its float32 residual halves at 16 bits
 

@@ -34,16 +34,20 @@ def test_hybrid_model_through_the_compressed_cache(gemma):
     model, ids = gemma
     reference = score(model, ids, DynamicCache(config=model.config))
     kls = {}
-    for center in (False, True):
+    for center in (False, True):  # True: automatic conditioning, as the default None
         config = NexusQuantConfig(key_bits=4, value_bits=4, recent_window=32, block_size=32, center_keys=center)
         cache = NexusQuantCache(config, model=model)
         logprobs = score(model, ids, cache)
         kls[center] = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
         torch.testing.assert_close(logprobs[:, 0], reference[:, 0], atol=1e-4, rtol=0)  # prefill untouched
         stats = cache.stats()  # settles every layer
-        assert stats["tokens_stored"] == ids.shape[1] - 1 and stats["ratio"] > 2.5  # measured 3.37-3.38
         sliding = [layer for layer in cache.layers if layer.is_sliding]
         assert len(sliding) == 15 and all(layer.key_stream.length == 511 for layer in sliding)
-        assert all(layer.key_stream.old.bits == 4 for layer in cache.layers)  # sliding layers quantized too
-    # measured: 0.043 plain, 0.010 centred (Gemma's keys carry large channel offsets)
-    assert kls[True] < 0.02 and kls[True] < 0.6 * kls[False]
+        assert stats["tokens_stored"] == ids.shape[1] - 1
+        if center:  # conditioned: nothing guarded, every layer's keys quantized, sliding ones too
+            assert stats["guarded_layers"] == [] and stats["ratio"] > 3.0  # measured 3.32
+            assert all(layer.key_stream.old.bits == 4 for layer in cache.layers)
+        else:  # keys as they come: the guard keeps the worst layers exact (measured: 5, 11, 15)
+            assert stats["guarded_layers"] and stats["ratio"] > 1.8  # measured 2.06
+    # measured: KL 0.0057 plain with the guard (0.043 before it), 0.0027 conditioned
+    assert kls[True] < 0.01 and kls[True] < kls[False]

@@ -195,7 +195,8 @@ class KVStream:
         batch, heads, count, dim = states.shape
         slots = self.exact_tokens
         if self.exact is None:
-            self.exact = torch.zeros(batch, heads, slots, dim, dtype=self.dtype, device=states.device)
+            # As the window holds them (float16 for a float32 model): a wider copy would gain nothing.
+            self.exact = torch.zeros(batch, heads, slots, dim, dtype=states.dtype, device=states.device)
             self.exact_index = torch.full((batch, heads, slots), -1, dtype=torch.long, device=states.device)
         if positions is None:  # no positions known: the first stored tokens are the sinks
             positions = index
