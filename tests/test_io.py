@@ -371,7 +371,7 @@ def shorten_codes(contents):
         ),
         (  # a full-attention layer's sinks do not fit a sliding layer, nor do its tokens
             lambda c: setattr(c.layers[1], "sliding_window", 8),
-            r"layer 1: keys: exact float32 \[2, 2, 4, 16\] is not floating \[2, 2, 0, 16\]",
+            r"layer 1: keys: exact float16 \[2, 2, 4, 16\] is not floating \[2, 2, 0, 16\]",
         ),
     ],
 )
