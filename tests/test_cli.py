@@ -54,7 +54,7 @@ def test_compress_then_inspect(tmp_path, model_folder, capsys):
     report = capsys.readouterr().out
     assert "model_type llama" in report and "num_key_value_heads 2" in report and "head_dim 16" in report
     assert "364 seen" in report and "ratio" in report and f"{output.stat().st_size:,} bytes" in report
-    assert f"prompt ids      {recipe}" in report
+    assert f"prompt ids      {recipe}" in report and "guarded layers  none" in report
     assert main(["inspect", str(output), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bytes"] == cache.stats()["bytes"] and report["model"]["num_hidden_layers"] == 3

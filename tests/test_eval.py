@@ -190,6 +190,7 @@ def test_compressed_cache_loses_a_little_and_saves_bytes(llama):
     kl, held = by(records, "kl", name), by(records, "bytes", name)
     assert 0 < kl["value"] < 0.5 and len(kl["per_window"]) == 2 and kl["std"] >= 0
     assert held["ratio"] > 3 and held["check"] and held["baseline_check"]
+    assert held["per_window_guarded_layers"] == [[], []]
 
 
 def test_tail_logits_match_one_full_forward(llama):

@@ -7,6 +7,8 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.eval import builtin_texts
 
+from .real_models import mean_kl, teacher_forced
+
 pytestmark = pytest.mark.real_model
 
 PREFIX, CONTINUATION = 768, 128
@@ -23,11 +25,7 @@ def gemma():
 
 
 def score(model, ids, cache):
-    with torch.no_grad():
-        prefill = model(ids[:, :PREFIX], cache=cache).logits[:, -1:]
-        positions = torch.arange(PREFIX, ids.shape[1] - 1)[None]
-        rest = model(ids[:, PREFIX:-1], cache=cache, position_ids=positions).logits
-    return torch.cat([prefill, rest], dim=1).float().log_softmax(-1)
+    return teacher_forced(model, ids, cache, PREFIX)
 
 
 def test_hybrid_model_through_the_compressed_cache(gemma):
@@ -38,7 +36,7 @@ def test_hybrid_model_through_the_compressed_cache(gemma):
         config = NexusQuantConfig(key_bits=4, value_bits=4, recent_window=32, block_size=32, center_keys=center)
         cache = NexusQuantCache(config, model=model)
         logprobs = score(model, ids, cache)
-        kls[center] = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+        kls[center] = mean_kl(reference, logprobs)
         torch.testing.assert_close(logprobs[:, 0], reference[:, 0], atol=1e-4, rtol=0)  # prefill untouched
         stats = cache.stats()  # settles every layer
         sliding = [layer for layer in cache.layers if layer.is_sliding]

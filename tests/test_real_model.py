@@ -9,6 +9,8 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.eval import builtin_texts
 
+from .real_models import mean_kl, teacher_forced
+
 pytestmark = pytest.mark.real_model
 
 PREFIX, CONTINUATION = 1024, 128
@@ -34,12 +36,7 @@ def prose_ids(smollm2):
 
 
 def score(model, ids, cache):
-    """Log-probabilities of the continuation, teacher-forced through the cache after the prefix."""
-    with torch.no_grad():
-        prefill = model(ids[:, :PREFIX], cache=cache).logits[:, -1:]
-        positions = torch.arange(PREFIX, ids.shape[1] - 1)[None]
-        rest = model(ids[:, PREFIX:-1], cache=cache, position_ids=positions).logits
-    return torch.cat([prefill, rest], dim=1).log_softmax(-1)
+    return teacher_forced(model, ids, cache, PREFIX)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +62,7 @@ def kls(model, windows, config) -> list[float]:
 
 
 def kl_and_nll_change(reference, logprobs, ids):
-    kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+    kl = mean_kl(reference, logprobs)
     targets = ids[:, PREFIX:, None]
     nll = -logprobs.gather(-1, targets).mean() + reference.gather(-1, targets).mean()
     return kl, nll.exp().item() - 1  # relative perplexity change

@@ -9,6 +9,8 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.eval import builtin_texts
 
+from .real_models import mean_kl, teacher_forced
+
 pytestmark = pytest.mark.real_model
 
 PREFIX, CONTINUATION = 768, 128
@@ -25,11 +27,7 @@ def qwen():
 
 
 def score(model, ids, cache):
-    with torch.no_grad():
-        prefill = model(ids[:, :PREFIX], cache=cache).logits[:, -1:]
-        positions = torch.arange(PREFIX, ids.shape[1] - 1)[None]
-        rest = model(ids[:, PREFIX:-1], cache=cache, position_ids=positions).logits
-    return torch.cat([prefill, rest], dim=1).float().log_softmax(-1)
+    return teacher_forced(model, ids, cache, PREFIX)
 
 
 def test_keys_are_conditioned_automatically(qwen):
@@ -43,7 +41,7 @@ def test_keys_are_conditioned_automatically(qwen):
             warnings.simplefilter("always")
             logprobs = score(model, ids, cache)
         assert any("distort" in str(w.message) for w in caught) == (center is False)  # the guard says so
-        kls[name] = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+        kls[name] = mean_kl(reference, logprobs)
         torch.testing.assert_close(logprobs[:, 0], reference[:, 0], atol=1e-4, rtol=0)  # prefill untouched
         guarded[name] = cache.stats()["guarded_layers"]
     print(f"K4V4 KL: {kls}, guarded layers: {guarded}")

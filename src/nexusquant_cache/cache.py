@@ -225,7 +225,7 @@ class NexusQuantCache(Cache):
                 cache = cls(dataclasses.replace(config, layer_overrides={}))
             cache.config, cache.layer_class_to_replicate, cache.fingerprint = config, None, contents.model
             cache.layers = [
-                NexusQuantLayer(config.for_layer(index, len(records)), cache.scorer, record.sliding_window)
+                NexusQuantLayer(config.for_layer(index, len(records)), cache.scorer, record.sliding_window, index=index)
                 for index, record in enumerate(records)
             ]
         if device is None:
@@ -306,9 +306,10 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
         layer_config = config.for_layer(index, len(layer_types))
         rope = ropes[index] if ropes is not None and index < len(ropes) else None
         if layer_type == "full_attention":
-            layers.append(NexusQuantLayer(layer_config, scorer, rope=rope))
+            layers.append(NexusQuantLayer(layer_config, scorer, rope=rope, index=index))
         elif layer_type in _SLIDING_TYPES:
-            layers.append(NexusQuantLayer(layer_config, scorer, sliding_window=kwargs["sliding_window"], rope=rope))
+            sliding = kwargs["sliding_window"]
+            layers.append(NexusQuantLayer(layer_config, scorer, sliding_window=sliding, rope=rope, index=index))
         else:
             raise NotImplementedError(
                 f"NexusQuantCache does not support {model_type!r} layers of type {layer_type!r}; "

@@ -163,6 +163,11 @@ def _inspect(args: argparse.Namespace) -> int:
     parts = stats["bytes"]
     print("bytes           " + ", ".join(f"{part} {size:,}" for part, size in parts.items()))
     print(f"16-bit cache    {stats['baseline_bytes']:,} bytes: ratio {stats['ratio']:.2f}x")
+    guarded = stats["guarded_layers"]
+    print(
+        "guarded layers  "
+        + (f"{guarded} (the guard keeps their keys at full precision: counted as window)" if guarded else "none")
+    )
     return 0
 
 

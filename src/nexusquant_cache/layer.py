@@ -78,6 +78,7 @@ class KVStream:
         self.logit_error: list[float] | None = None  # per head, measured by the first encode
         self.positions: Callable[[], Tensor] | None = None
         self.dtype: torch.dtype | None = None  # the model's: what append returns and codes decode to
+        self.name = "a layer"  # how warnings name the layer
 
     @property
     def old_length(self) -> int:
@@ -287,7 +288,7 @@ class KVStream:
         if max(self.logit_error) > limit:
             times = max(self.logit_error) / (limit / GUARD_FACTOR)
             warnings.warn(
-                f"NexusQuantCache: a layer's {self.bits}-bit keys would distort its attention logits {times:.0f}x "
+                f"NexusQuantCache: {self.name}'s {self.bits}-bit keys would distort its attention logits {times:.0f}x "
                 "beyond the codec's normal error; that layer keeps its keys at full precision "
                 "(see stats()['guarded_layers'])",
                 stacklevel=2,
@@ -584,9 +585,11 @@ class NexusQuantLayer(CacheLayerMixin):
         scorer: str | None = None,
         sliding_window: int | None = None,
         rope: Rope | None = None,
+        index: int | None = None,
     ):
         super().__init__()
         self.config = config
+        self.index = index  # the layer's place in the model, when known (for messages)
         self.rope = rope  # the model's rotary embedding for this layer, when known
         self.sees_queries = False  # set by the cache when the model hands queries to observe()
         self.scorer = scorer or config.scorer
@@ -601,6 +604,8 @@ class NexusQuantLayer(CacheLayerMixin):
         sinks = 0 if self.is_sliding else self.config.sink_tokens
         self.key_stream = KVStream(self.config.key_bits, self.config, conditioned, sinks)
         self.key_stream.rope, self.key_stream.positions = self.rope, self._stored_positions
+        if self.index is not None:
+            self.key_stream.name = f"layer {self.index}"
         self.value_stream = KVStream(self.config.value_bits, self.config)
         self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
         # float16 [B, H, T_stored], only when evicting by score (streaming ranks by position)

@@ -14,6 +14,8 @@ All need ``pip install gguf sentencepiece`` for the first load. That load de-qua
 GGUF weights to a dense model (10-40 s) and saves it, tokenizer included, as a plain safetensors
 snapshot under ``~/.cache/nexusquant-cache/`` (or ``$XDG_CACHE_HOME/nexusquant-cache``). Later
 loads read the snapshot in seconds and give identical logits. Delete the folder to rebuild it.
+The snapshots take 0.5 GB (SmolLM2), 1.1 GB (Gemma) and 2.4 GB (Qwen) of disk, beside the
+installed packages (0.1, 0.3 and 0.5 GB).
 """
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def cache_bytes(cache: Cache) -> dict:
 
     - ``bytes``: the method's size. DynamicCache: its keys and values at 2 bytes per number
       (the 16-bit baseline, also for a float32 model). NexusQuantCache: ``cache.stats()``
-      (codes, scales, full-precision windows, positions and scores). QuantizedCache: its
+      (codes, scales, full-precision windows, positions and scores; ``guarded_layers`` too).
+      QuantizedCache: its
       quantized tensors with their scales and zero points, plus the full-precision residual
       window, each at the dtype it is held in.
     - ``tensor_bytes``: the sum of the storage of every tensor found in the cache's layers,
@@ -255,6 +256,7 @@ def cache_bytes(cache: Cache) -> dict:
             "parts": stats["bytes"],
             "baseline_bytes": stats["baseline_bytes"],
             "tokens_stored": stats["tokens_stored"],
+            "guarded_layers": stats["guarded_layers"],
         }
     if isinstance(cache, QuantizedCache):
         held = [

@@ -256,6 +256,7 @@ class _Totals:
         }
         if "baseline_bytes" in self.held[-1]:  # ours counts its own baseline: it must agree
             held["baseline_check"] = all(h["baseline_bytes"] == b for h, b in zip(self.held, self.baseline))
+            held["per_window_guarded_layers"] = [h["guarded_layers"] for h in self.held]
         return [perplexity, kl, held]
 
 
