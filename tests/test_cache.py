@@ -203,6 +203,9 @@ def test_latent_attention_models_are_refused():
 
 def test_assisted_decoding_rollback_is_refused():
     assert NexusQuantLayer.is_croppable is False
+    cache = NexusQuantCache(NexusQuantConfig(), model=tiny_llama())
+    with pytest.raises(NotImplementedError, match="a NexusQuantCache cannot be cropped"):
+        cache.crop(3)
 
 
 @pytest.mark.parametrize(
@@ -214,11 +217,72 @@ def test_assisted_decoding_rollback_is_refused():
         ("block_size", 0, "`block_size` must be an integer >= 1"),
         ("method", "pq", "`method` must be one of"),
         ("seed", 1.5, "`seed` must be an integer"),
+        # round floats and out-of-range seeds used to pass here and fail later (torch, JSON)
+        ("key_bits", 4.0, r"`key_bits` must be one of \(2, 3, 4, 16\) but got 4.0"),
+        ("value_bits", 2.0, "`value_bits` must be one of"),
+        ("seed", 2**64, r"`seed` must be an integer in \[0, 9223372036854775807\] but got 18446744073709551616"),
+        ("block_size", True, "`block_size` must be an integer"),
+        ("keep_ratio", float("nan"), "`keep_ratio` must be a number in"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         NexusQuantConfig(**{field: value})
+
+
+def test_config_takes_numpy_numbers_as_python_ones():
+    import json
+
+    import numpy as np
+
+    config = NexusQuantConfig(
+        key_bits=np.int64(3), seed=np.uint32(7), keep_ratio=np.float32(0.5), block_size=np.int8(8)
+    )
+    assert config == NexusQuantConfig(key_bits=3, seed=7, keep_ratio=0.5, block_size=8)
+    assert all(type(getattr(config, name)) is int for name in ("key_bits", "seed", "block_size"))
+    assert type(config.keep_ratio) is float
+    json.dumps(config.to_dict())  # what save writes
+
+
+def test_config_is_hashable_and_its_overrides_frozen():
+    config = NexusQuantConfig(layer_overrides={"1": {"key_bits": 16}})
+    assert config.layer_overrides == {1: {"key_bits": 16}}
+    assert hash(config) == hash(NexusQuantConfig(layer_overrides={1: {"key_bits": 16}})) and {config: 1}
+    with pytest.raises(TypeError):
+        config.layer_overrides[2] = {"key_bits": 16}
+    with pytest.raises(TypeError):
+        config.layer_overrides[1]["key_bits"] = 2
+    assert config.to_dict()["layer_overrides"] == {1: {"key_bits": 16}}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({1.7: {"key_bits": 16}}, r"keys must be layer indices \(integers\) but got 1.7"),
+        ({True: {"key_bits": 16}}, r"keys must be layer indices \(integers\) but got True"),
+        ({"0": {"key_bits": 16}, 0: {"value_bits": 16}}, "names layer 0 twice"),
+        ({0: {"key_bits": 5}}, "`key_bits` must be one of"),
+    ],
+)
+def test_layer_overrides_refuse_ambiguous_indices(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        NexusQuantConfig(layer_overrides=overrides)
+
+
+def test_layer_overrides_must_name_layers_of_the_model():
+    model = tiny_llama()  # 3 layers
+    for overrides, message in (
+        ({3: {"key_bits": 16}}, r"names layers \[3\], but the model has 3 \(indices -3 to 2\)"),
+        ({-4: {"key_bits": 16}}, r"names layers \[-4\]"),
+        ({0: {"key_bits": 16}, -3: {"value_bits": 16}}, r"names layers \[0\] twice \(also as \[-3\]\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            NexusQuantCache(NexusQuantConfig(layer_overrides=overrides), model=model)
+
+
+def test_config_from_something_else_than_a_dict_says_so():
+    with pytest.raises(ValueError, match="made from a dict of its fields but got None"):
+        NexusQuantConfig.from_dict(None)
 
 
 def test_config_round_trips_through_a_dict():

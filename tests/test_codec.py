@@ -188,14 +188,27 @@ def test_zeros_and_constants(method, bits):
         (torch.ones(2, 64), 8, "e8", "`bits` must be one of"),
         (torch.ones(2, 64), True, "e8", "`bits` must be one of"),
         (torch.ones(2, 64), 2.5, "e8", "`bits` must be one of"),
+        (torch.ones(2, 64), 4.0, "e8", r"`bits` must be one of \(2, 3, 4\) but got 4.0"),
         (torch.ones(2, 64), 2, "pq", "`method` must be one of"),
-        (torch.ones(2, 64, dtype=torch.float64) * 1e300, 2, "e8", "outside the bfloat16 range"),
-        (torch.ones(2, 64, dtype=torch.float64) * 1e-300, 2, "e8", "outside the bfloat16 range"),
+        (torch.ones(2, 64, dtype=torch.float64) * 1e300, 2, "e8", "too large or too small"),
+        (torch.ones(2, 64, dtype=torch.float64) * 1e-300, 2, "e8", "too large or too small"),
+        # the scale fits bfloat16, but the decoded numbers would overflow float32
+        (torch.full((2, 64), 3e38), 4, "e8", "too large or too small"),
     ],
 )
 def test_bad_input_raises_value_error(x, bits, method, message):
     with pytest.raises(ValueError, match=message):
         encode(x, bits, method)
+
+
+def test_the_largest_encodable_vectors_decode_finite():
+    import numpy as np
+
+    for bits in (2, 3, 4):
+        x = torch.randn(64, 64)
+        x = x / x.abs().amax(-1, keepdim=True) * 1e37
+        encoded = encode(x, np.int64(bits))
+        assert type(encoded.bits) is int and torch.isfinite(decode(encoded)).all()
 
 
 def test_non_tensor_raises_type_error():

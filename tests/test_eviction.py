@@ -125,8 +125,11 @@ def test_query_capture_is_undone_when_the_cache_is_gone():
 
 
 def test_without_a_model_attention_scorers_fall_back_to_key_norm():
-    cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5, scorer="snapkv"))
+    with pytest.warns(UserWarning) as caught:
+        cache = NexusQuantCache(NexusQuantConfig(keep_ratio=0.5, scorer="snapkv"))
     assert cache.scorer == "keynorm"
+    messages = [str(w.message) for w in caught]
+    assert any("'keynorm'" in m for m in messages) and any("evicts in every layer" in m for m in messages)
 
 
 def test_nexusquant_evict_uses_the_cache_and_restores_the_model():

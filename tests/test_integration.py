@@ -31,6 +31,13 @@ def test_cache_implementation_builds_the_configured_cache(model):
     assert torch.equal(tokens, expected)  # 16-bit: the same tokens as DynamicCache
 
 
+def test_cache_config_may_be_a_config_object(model):
+    config = nexusquant_cache.NexusQuantConfig(key_bits=16, value_bits=16)
+    tokens, cache = generate(model, cache_implementation="nexusquant", cache_config=config)
+    assert isinstance(cache, NexusQuantCache) and cache.config == config
+    assert torch.equal(tokens, generate(model)[0])
+
+
 def test_generation_config_route_and_json_round_trip(model, tmp_path):
     model.generation_config.cache_implementation = "nexusquant"
     model.generation_config.cache_config = {"key_bits": 2, "keep_ratio": 0.5, "recent_window": 8, "block_size": 4}

@@ -124,10 +124,12 @@ def test_what_a_cache_cannot_do_without_the_model_is_said(tmp_path):
         assert NexusQuantCache.load(tmp_path / "c.nqc").scorer == "keynorm"
     with pytest.warns(UserWarning, match="scorer 'snapkv' needs the model's queries: pass `model=`"):
         assert NexusQuantCache(CONFIGS["evict-snapkv-centred"]).scorer == "keynorm"
+    with pytest.warns(UserWarning, match="without `model=` or `model_config=` evicts in every layer"):
+        NexusQuantCache(CONFIGS["evict-keynorm"])  # a sliding-window layer would be evicted too
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is missing here
         NexusQuantCache.load(tmp_path / "c.nqc", model=model)
-        NexusQuantCache(CONFIGS["evict-keynorm"])
+        NexusQuantCache(CONFIGS["evict-keynorm"], model_config=model.config)
         NexusQuantCache(CONFIGS["16-bit"])
 
 
@@ -281,6 +283,17 @@ def test_another_format_version_is_refused(tmp_path, saved):
 def test_a_file_that_is_not_safetensors_is_refused(tmp_path, data, message):
     with pytest.raises(CacheFileError, match=message):
         load_bytes(tmp_path, data)
+
+
+def test_deeply_nested_json_is_refused_not_a_recursion_error(tmp_path, saved):
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(CacheFileError, match="its header is not JSON"):
+        load_bytes(tmp_path, struct.pack("<Q", len(deep)) + deep.encode())
+    fields = {**metadata(saved[1]), "header": deep}
+    tensors = load_safetensors(saved[1])
+    fields["sha256"] = cache_io._checksum(fields, tensors)
+    with pytest.raises(CacheFileError, match="invalid header: nested too deeply"):
+        load_bytes(tmp_path, save_safetensors(tensors, fields))
 
 
 def test_a_pickle_file_is_refused_without_being_unpickled(tmp_path):

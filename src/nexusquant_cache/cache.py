@@ -83,6 +83,12 @@ class NexusQuantCache(Cache):
         if model_config is None:
             if config.layer_overrides:
                 raise ValueError("`layer_overrides` needs the model's layers: pass `model=` or `model_config=`")
+            if config.evicts:
+                warnings.warn(
+                    "NexusQuantCache without `model=` or `model_config=` evicts in every layer: it cannot tell "
+                    "sliding-window layers, which must keep their window, from full-attention ones",
+                    stacklevel=2,
+                )
             super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer))
         else:
             ropes = rotary_embeddings(model) if model is not None else None
@@ -201,6 +207,10 @@ class NexusQuantCache(Cache):
         """
         contents = io.read(path)
         config, records = contents.config, contents.layers
+        try:
+            config.check_layers(len(records))
+        except ValueError as error:
+            raise CacheFileError(f"{path}: {error}") from None
         if model is not None:
             io.check_fingerprint(contents.model, io.model_fingerprint(model.config, model.dtype), path)
             cache = cls(config, model=model)
@@ -301,6 +311,7 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
             "compressed latents, not per-head keys and values"
         )
     layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
+    config.check_layers(len(layer_types))
     layers = []
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         layer_config = config.for_layer(index, len(layer_types))

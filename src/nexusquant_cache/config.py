@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import numbers
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 
 from .codec.choices import SUPPORTED_BITS, Method
 
 __all__ = ["MERGES", "NexusQuantConfig", "PRESETS", "SCORERS"]
 
 CACHE_BITS = (*SUPPORTED_BITS, 16)  # 16: keep that side at full precision
+MAX_SEED = 2**63 - 1  # seeds travel as int64 (torch) and JSON integers
 # Token importance for eviction; see scoring.py.
 SCORERS = ("snapkv", "h2o", "keynorm", "streaming")
 # What evicted tokens fold into (policy.py): nothing, the kept token's value, or its key and value.
@@ -85,47 +90,57 @@ class NexusQuantConfig:
     layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        # Integers of any kind (numpy's too) are stored as int; anything else is refused here,
+        # not later in torch or at save.
         for name in ("key_bits", "value_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or value not in CACHE_BITS:
+            if not _is_integer(value) or operator.index(value) not in CACHE_BITS:
                 raise ValueError(f"`{name}` must be one of {CACHE_BITS} but got {value!r}")
-        _check_int("recent_window", self.recent_window, minimum=0)
-        _check_int("block_size", self.block_size, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+            object.__setattr__(self, name, operator.index(value))
+        self._set_int("recent_window", minimum=0)
+        self._set_int("block_size", minimum=1)
+        self._set_int("seed", minimum=0, maximum=MAX_SEED)
         allowed = [m.value for m in Method]
         if self.method not in allowed:
             raise ValueError(f"`method` must be one of {allowed} but got {self.method!r}")
         ratio = self.keep_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"`keep_ratio` must be a number in (0, 1] but got {ratio!r}")
-        _check_int("sink_tokens", self.sink_tokens, minimum=0)
-        _check_int("observation_window", self.observation_window, minimum=1)
+        object.__setattr__(self, "keep_ratio", float(ratio))
+        self._set_int("sink_tokens", minimum=0)
+        self._set_int("observation_window", minimum=1)
         if self.token_budget is not None:
-            _check_int("token_budget", self.token_budget, minimum=self._budget_floor)
+            self._set_int("token_budget", minimum=self._budget_floor)
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
         if self.merge not in MERGES:
             raise ValueError(f"`merge` must be one of {list(MERGES)} but got {self.merge!r}")
         if self.center_keys is not None and not isinstance(self.center_keys, bool):
             raise ValueError(f"`center_keys` must be None (automatic), True or False but got {self.center_keys!r}")
-        if not isinstance(self.layer_overrides, dict):
+        object.__setattr__(self, "layer_overrides", _frozen_overrides(self, self.layer_overrides))
+
+    def _set_int(self, name: str, minimum: int, maximum: int | None = None) -> None:
+        value = getattr(self, name)
+        if not _is_integer(value) or not minimum <= operator.index(value) <= (maximum or math.inf):
+            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise ValueError(f"`{name}` must be an integer {bound} but got {value!r}")
+        object.__setattr__(self, name, operator.index(value))
+
+    def __hash__(self) -> int:
+        overrides = tuple(sorted((index, tuple(sorted(f.items()))) for index, f in self.layer_overrides.items()))
+        return hash(tuple(overrides if f.name == "layer_overrides" else getattr(self, f.name) for f in fields(self)))
+
+    def check_layers(self, layers: int) -> None:
+        """Refuse ``layer_overrides`` that name no layer of a ``layers``-layer model, or one layer twice."""
+        outside = [index for index in self.layer_overrides if not -layers <= index < layers]
+        if outside:
             raise ValueError(
-                f"`layer_overrides` must be a dict of layer index -> fields but got {self.layer_overrides!r}"
+                f"`layer_overrides` names layers {outside}, but the model has {layers} (indices "
+                f"{-layers} to {layers - 1})"
             )
-        overrides = {}
-        for index, fields_ in self.layer_overrides.items():
-            try:
-                index = int(index)  # JSON keys are strings
-            except (TypeError, ValueError):
-                raise ValueError(f"`layer_overrides` keys must be layer indices but got {index!r}") from None
-            unknown = sorted(set(fields_) - {"key_bits", "value_bits"}) if isinstance(fields_, dict) else [fields_]
-            if unknown:
-                raise ValueError(
-                    f"`layer_overrides[{index}]` may set only 'key_bits' and 'value_bits' but got {unknown}"
-                )
-            replace(self, layer_overrides={}, **fields_)  # validates the values
-            overrides[index] = dict(fields_)
-        object.__setattr__(self, "layer_overrides", overrides)
+        twice = sorted(index for index in self.layer_overrides if index >= 0 and index - layers in self.layer_overrides)
+        if twice:
+            raise ValueError(f"`layer_overrides` names layers {twice} twice (also as {[i - layers for i in twice]})")
 
     @property
     def evicts(self) -> bool:
@@ -164,10 +179,14 @@ class NexusQuantConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["layer_overrides"] = {index: dict(chosen) for index, chosen in self.layer_overrides.items()}
+        return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> "NexusQuantConfig":
+    def from_dict(cls, values: Mapping) -> "NexusQuantConfig":
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a NexusQuantConfig is made from a dict of its fields but got {values!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -175,6 +194,29 @@ class NexusQuantConfig:
         return cls(**values)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum} but got {value!r}")
+def _is_integer(value: object) -> bool:
+    """An int or numpy integer; not a bool, not a float however round."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def _frozen_overrides(config: NexusQuantConfig, overrides: object) -> Mapping:
+    """``layer_overrides`` checked and made read-only: {layer index: {"key_bits"/"value_bits": bits}}.
+    Indices may be strings of integers (JSON keys), never floats or bools."""
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"`layer_overrides` must be a dict of layer index -> fields but got {overrides!r}")
+    checked = {}
+    for key, chosen in overrides.items():
+        if _is_integer(key):
+            index = operator.index(key)
+        elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            index = int(key)
+        else:
+            raise ValueError(f"`layer_overrides` keys must be layer indices (integers) but got {key!r}")
+        if index in checked:
+            raise ValueError(f"`layer_overrides` names layer {index} twice")
+        unknown = sorted(set(chosen) - {"key_bits", "value_bits"}) if isinstance(chosen, Mapping) else [chosen]
+        if unknown:
+            raise ValueError(f"`layer_overrides[{index}]` may set only 'key_bits' and 'value_bits' but got {unknown}")
+        layer = replace(config, layer_overrides={}, **chosen)  # validates (and normalises) the values
+        checked[index] = MappingProxyType({name: getattr(layer, name) for name in chosen})
+    return MappingProxyType(checked)

@@ -198,7 +198,9 @@ def build_cache_for_its_name(generation_utils: ModuleType) -> None:
             return original(self, generation_config, model_kwargs, *args, **kwargs)  # also reports conflicts
         from .cache import NexusQuantCache
 
-        config = NexusQuantConfig.from_dict(dict(generation_config.cache_config or {}))
+        config = generation_config.cache_config or {}
+        if not isinstance(config, NexusQuantConfig):
+            config = NexusQuantConfig.from_dict(config)
         model_kwargs["cache"] = NexusQuantCache(config, model=self)
 
     prepare_cache._nexusquant = True

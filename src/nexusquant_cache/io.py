@@ -187,6 +187,8 @@ def read(path: str | os.PathLike) -> CacheFile:
         contents = _parse(json.loads(metadata["header"]), tensors)
         contents.version = int(metadata["format_version"])
         return contents
+    except RecursionError:  # JSON nested deeper than Python parses
+        raise CacheFileError(f"{path} has an invalid header: nested too deeply") from None
     except (ValueError, TypeError, KeyError) as error:
         raise CacheFileError(f"{path} has an invalid header: {error}") from None
 
@@ -204,7 +206,7 @@ def _safetensors_metadata(data: bytes, path) -> dict:
         )
     try:
         header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except ValueError:  # undecodable bytes, or not JSON
+    except (ValueError, RecursionError):  # undecodable bytes, not JSON, or nested too deeply to parse
         raise CacheFileError(f"{not_safetensors}: its header is not JSON") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):

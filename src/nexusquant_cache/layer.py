@@ -598,6 +598,12 @@ class NexusQuantLayer(CacheLayerMixin):
         self.evicts = config.evicts and not self.is_sliding
         self.reset()
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a NexusQuantCache cannot be cropped: its quantized and evicted tokens cannot be restored "
+            "(start a new cache, or load a saved one, to go back to an earlier prompt)"
+        )
+
     def reset(self) -> None:
         # Keys are conditioned unless the config turns it off; sliding layers have no sinks to keep.
         conditioned = self.config.center_keys is not False

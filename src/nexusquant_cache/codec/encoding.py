@@ -9,6 +9,7 @@ its 8-bit mantissa costs under 1e-5 in relative error.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCALE_DTYPE = torch.bfloat16
 _CHUNK = 1 << 15  # vectors per step: bounds the temporary memory of the search
 _TINY = torch.finfo(torch.float32).tiny
+_DECODABLE = torch.finfo(torch.float32).max / 2  # decoding runs in float32; half leaves room for rounding
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def _check(x: Tensor, bits: int, method: str) -> None:
         raise ValueError(f"`x` must hold at least one vector but has shape {tuple(x.shape)}")
     if x.shape[-1] % 8:
         raise ValueError(f"the last dimension of `x` must be a multiple of 8 but got {x.shape[-1]}")
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in SUPPORTED_BITS:
         raise ValueError(f"`bits` must be one of {SUPPORTED_BITS} but got {bits!r}")
     if method not in {m.value for m in Method}:
         raise ValueError(f"`method` must be one of {[m.value for m in Method]} but got {method!r}")
@@ -108,6 +110,7 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
     """
     method = Method(method).value if isinstance(method, Method) else method
     _check(x, bits, method)
+    bits = int(bits)  # a numpy integer too
     q = quantizer(method, bits)
     dim = x.shape[-1]
     flat = x.reshape(-1, dim)
@@ -125,10 +128,12 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
         fit = (rotated * points).sum(-1) / (points * points).sum(-1).clamp_min(_TINY)
         scale = fit.double() * peak.squeeze(-1).double()
         stored = scale.to(SCALE_DTYPE)
-        if not torch.isfinite(stored).all() or ((stored == 0) & (scale > 0)).any():
+        # The decoded vector's largest number is at most its norm: it must stay finite in float32.
+        largest = stored.double().abs() * points.double().norm(dim=-1)
+        if not torch.isfinite(stored).all() or ((stored == 0) & (scale > 0)).any() or (largest > _DECODABLE).any():
             raise ValueError(
-                "`x` holds vectors whose scale falls outside the bfloat16 range (about 1e-40 to 3e38); "
-                "rescale them before encoding"
+                "`x` holds vectors too large or too small to encode (the scale must fit bfloat16, about "
+                "1e-40 to 3e38, and the reconstruction float32); rescale them before encoding"
             )
         scales[start : start + _CHUNK] = stored
         codes[start : start + _CHUNK] = pack_words(words.view(chunk.shape[0], -1), bits)
