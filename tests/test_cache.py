@@ -245,6 +245,9 @@ def test_config_takes_numpy_numbers_as_python_ones():
 
 
 def test_config_is_hashable_and_its_overrides_frozen():
+    import copy
+    import pickle
+
     config = NexusQuantConfig(layer_overrides={"1": {"key_bits": 16}})
     assert config.layer_overrides == {1: {"key_bits": 16}}
     assert hash(config) == hash(NexusQuantConfig(layer_overrides={1: {"key_bits": 16}})) and {config: 1}
@@ -253,6 +256,7 @@ def test_config_is_hashable_and_its_overrides_frozen():
     with pytest.raises(TypeError):
         config.layer_overrides[1]["key_bits"] = 2
     assert config.to_dict()["layer_overrides"] == {1: {"key_bits": 16}}
+    assert copy.deepcopy(config) is config and pickle.loads(pickle.dumps(config)) == config
 
 
 @pytest.mark.parametrize(

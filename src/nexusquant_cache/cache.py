@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import warnings
@@ -110,9 +111,45 @@ class NexusQuantCache(Cache):
                     layer.scorer = scorer
             elif release is not None:
                 weakref.finalize(self, release)
+                self._query_source = weakref.ref(model)
                 for layer in self.layers:
                     layer.sees_queries = True
         self.scorer = scorer
+
+    _query_source = None  # a weak reference to the model whose queries this cache captures
+
+    def __deepcopy__(self, memo: dict) -> "NexusQuantCache":
+        # transformers' prompt reuse copies a prefilled cache per request: each copy keeps the
+        # model's queries flowing for as long as it lives, whatever happens to the original.
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for name, value in vars(self).items():
+            setattr(copied, name, value if name == "_query_source" else copy.deepcopy(value, memo))
+        model = self._query_source() if self._query_source is not None else None
+        release = capture_queries(model) if model is not None else None
+        if release is not None:
+            weakref.finalize(copied, release)
+        elif self._query_source is not None:
+            copied._lose_queries("its model is gone")
+        return copied
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_query_source": None}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        if any(layer.sees_queries for layer in self.layers):
+            self._lose_queries("an unpickled cache has no model")
+
+    def _lose_queries(self, why: str) -> None:
+        """Without the model's queries: attention scorers fall back to 'keynorm', as without a model."""
+        if self.scorer in ATTENTION_SCORERS and self.config.evicts:
+            warnings.warn(f"NexusQuantCache: {why}, so scorer {self.scorer!r} falls back to 'keynorm'", stacklevel=3)
+            self.scorer = "keynorm"
+        for layer in self.layers:
+            layer.sees_queries = False
+            if layer.scorer in ATTENTION_SCORERS:
+                layer.score_by_key_norm()
 
     def stats(self) -> dict:
         """Tokens seen and stored, bytes held by part, and the ratio against a 16-bit cache.

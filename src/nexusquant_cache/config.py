@@ -130,6 +130,12 @@ class NexusQuantConfig:
         overrides = tuple(sorted((index, tuple(sorted(f.items()))) for index, f in self.layer_overrides.items()))
         return hash(tuple(overrides if f.name == "layer_overrides" else getattr(self, f.name) for f in fields(self)))
 
+    def __deepcopy__(self, memo: dict) -> "NexusQuantConfig":
+        return self  # frozen all the way down
+
+    def __reduce__(self):
+        return NexusQuantConfig.from_dict, (self.to_dict(),)
+
     def check_layers(self, layers: int) -> None:
         """Refuse ``layer_overrides`` that name no layer of a ``layers``-layer model, or one layer twice."""
         outside = [index for index in self.layer_overrides if not -layers <= index < layers]

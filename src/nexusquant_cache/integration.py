@@ -25,8 +25,10 @@ set up those two steps, and every function here imports what it touches when it 
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -97,13 +99,19 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
     return ropes
 
 
-# id(model) -> [weak reference to the model, its previous attention implementation, users]
+# id(model) -> [weak reference to the model, its previous attention implementation, users, id(model)]
 _CAPTURING: dict[int, list] = {}
+# Caches are built and collected on any thread, and a collection runs its finalizer wherever
+# the garbage collector happens to run: a release that finds the lock taken is queued, and
+# whoever holds the lock (or next takes it) carries it out.
+_LOCK = threading.Lock()
+_QUEUED: list[list] = []
 
 
 def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
     """Route ``model``'s attention through the query-capturing function until the returned
-    release function is called (idempotent; the last user restores the previous implementation).
+    release function is called (idempotent; the last user restores the previous implementation,
+    unless the model was switched to another one meanwhile). Safe to use from several threads.
 
     Returns None when the model cannot use it: a model that cannot switch its attention
     implementation, or one that needs eager-only features SDPA lacks (attention softcapping).
@@ -113,29 +121,54 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
         return None
     _register_attention()
     key = id(model)
-    entry = _CAPTURING.get(key)
-    if entry is None or entry[0]() is not model:  # a new model, or a dead one's id reused
-        previous = model.config._attn_implementation
-        model.set_attn_implementation(ATTENTION_NAME)
-        if model.config._attn_implementation != ATTENTION_NAME:
-            return None
-        entry = _CAPTURING[key] = [weakref.ref(model), previous, 0]
-    entry[2] += 1
-    released = False
+    with _locked():
+        entry = _CAPTURING.get(key)
+        if entry is None or entry[0]() is not model:  # a new model, or a dead one's id reused
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(ATTENTION_NAME)
+            if model.config._attn_implementation != ATTENTION_NAME:
+                return None
+            entry = _CAPTURING[key] = [weakref.ref(model), previous, 0, key]
+        entry[2] += 1
+    released = [False]
 
     def release() -> None:
-        nonlocal released
-        if released:
-            return
-        released = True
-        entry[2] -= 1
-        if entry[2] == 0:
-            if _CAPTURING.get(key) is entry:
-                del _CAPTURING[key]
-            if (owner := entry[0]()) is not None:
-                owner.set_attn_implementation(entry[1])
+        if not released[0]:
+            released[0] = True
+            _QUEUED.append(entry)
+            _run_queued()
 
     return release
+
+
+@contextmanager
+def _locked() -> Iterator[None]:
+    with _LOCK:
+        yield
+    _run_queued()
+
+
+def _run_queued() -> None:
+    """Carry out the queued releases, unless another thread holds the lock (it will)."""
+    while _QUEUED and _LOCK.acquire(blocking=False):
+        try:
+            while _QUEUED:
+                entry = _QUEUED.pop()
+                entry[2] -= 1
+                if entry[2] == 0:
+                    if _CAPTURING.get(entry[3]) is entry:
+                        del _CAPTURING[entry[3]]
+                    owner = entry[0]()
+                    if owner is not None and owner.config._attn_implementation == ATTENTION_NAME:
+                        owner.set_attn_implementation(entry[1])
+        finally:
+            _LOCK.release()
+
+
+# The nexusquant_evict blocks open in this thread or asyncio task: (model, config, block), innermost last.
+_OPEN_BLOCKS: ContextVar[tuple] = ContextVar("nexusquant_evict_blocks", default=())
+# id(model) -> [weak reference to the model, the generate it had in its own __dict__ or None, open blocks]
+_PATCHED: dict[int, list] = {}
 
 
 @contextmanager
@@ -146,7 +179,9 @@ def nexusquant_evict(
 
     Pass a ``NexusQuantConfig`` or its fields (``nexusquant_evict(model, key_bits=3,
     keep_ratio=0.5)``). A call that passes its own cache keeps it. Direct forward calls are not
-    affected. On exit the model is as it was.
+    affected. The block applies to ``generate`` calls of its own thread or asyncio task: blocks
+    in other threads or tasks may overlap it in any order, and each call sees only its own.
+    When the last block on a model closes, the model is as it was, also on exceptions.
     """
     from .cache import NexusQuantCache
     from .layer import ATTENTION_SCORERS
@@ -154,24 +189,39 @@ def nexusquant_evict(
     if config is not None and fields:
         raise ValueError("pass either `config` or its fields, not both")
     config = config if config is not None else NexusQuantConfig(**fields)
-    had_own_generate = "generate" in vars(model)
-    own_generate = vars(model).get("generate")
-    unbound = type(model).generate
+    block = object()
+    with _locked():
+        patch = _PATCHED.get(id(model))
+        if patch is None or patch[0]() is not model:
+            own = vars(model).get("generate")
+            unbound = type(model).generate
+            reference = weakref.ref(model)
 
-    def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            kwargs["cache"] = NexusQuantCache(config, model=model)
-        return (own_generate or unbound.__get__(model))(*args, **kwargs)
+            def generate(*args, **kwargs):
+                owner = reference()
+                chosen = next((c for m, c, _ in reversed(_OPEN_BLOCKS.get()) if m is owner), None)
+                if chosen is not None and kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+                    kwargs["cache"] = NexusQuantCache(chosen, model=owner)
+                return (own or unbound.__get__(owner))(*args, **kwargs)
 
+            patch = _PATCHED[id(model)] = [reference, own, 0]
+            model.generate = generate
+        patch[2] += 1
     release = capture_queries(model) if config.evicts and config.scorer in ATTENTION_SCORERS else None
-    model.generate = generate
+    _OPEN_BLOCKS.set((*_OPEN_BLOCKS.get(), (model, config, block)))
     try:
         yield model
     finally:
-        if had_own_generate:
-            model.generate = own_generate
-        else:
-            del model.generate
+        # Not reset(): blocks of one context may also close out of order.
+        _OPEN_BLOCKS.set(tuple(entry for entry in _OPEN_BLOCKS.get() if entry[2] is not block))
+        with _locked():
+            patch[2] -= 1
+            if patch[2] == 0:
+                del _PATCHED[id(model)]
+                if patch[1] is not None:
+                    model.generate = patch[1]
+                else:
+                    vars(model).pop("generate", None)
         if release is not None:
             release()
 

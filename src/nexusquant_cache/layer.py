@@ -664,6 +664,16 @@ class NexusQuantLayer(CacheLayerMixin):
             scores = torch.zeros(batch, heads, length, dtype=torch.float16, device=key_states.device)  # see observe()
         self.scores = scores if self.scores is None else torch.cat([self.scores, scores], -1)
 
+    def score_by_key_norm(self) -> None:
+        """Rank tokens by key norm from now on (the model's queries no longer come); the stored
+        tokens are scored again, so that old and new scores compare."""
+        self.scorer, self.sees_queries = "keynorm", False
+        if self.scores is not None and self.scores.shape[-1]:
+            stream = self.key_stream
+            parts = [stream.old_states().float()] if stream.old_length else []
+            parts += [stream.recent.float()] if stream.recent is not None else []
+            self.scores = key_norm_scores(torch.cat(parts, -2)).half()
+
     def observe(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float) -> None:
         """Add the attention this forward's queries [B, Hq, q, d] paid to ``keys`` [B, Hkv, S, d],
         the states ``update`` returned."""
