@@ -189,6 +189,35 @@ def test_models_sdpa_cannot_serve_fall_back_to_key_norm():
     assert out.sequences.shape == (2, 44) and cache.stats()["tokens_stored"] < 44
 
 
+def test_learned_attention_sinks_keep_the_models_own_attention():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = GptOssForCausalLM(config).eval()  # learned sinks in the softmax: SDPA ignores them
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+    ids = prompt()
+    with torch.no_grad():
+        expected = model(ids, cache=DynamicCache(config=model.config)).logits
+        with pytest.warns(UserWarning, match="scoring with 'keynorm'"):
+            cache = NexusQuantCache(NexusQuantConfig(key_bits=16, value_bits=16, keep_ratio=0.5), model=model)
+        assert model.config._attn_implementation == "eager"
+        torch.testing.assert_close(model(ids, cache=cache).logits, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("merge", ["values", "keys_values"])
 def test_merging_folds_each_evicted_token_into_its_most_similar_kept_one(merge):
     """Against a per-head loop: keynorm ranks, every token weighs 1, all tokens leave the

@@ -114,10 +114,11 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
     unless the model was switched to another one meanwhile). Safe to use from several threads.
 
     Returns None when the model cannot use it: a model that cannot switch its attention
-    implementation, or one that needs eager-only features SDPA lacks (attention softcapping).
+    implementation, or one whose attention SDPA does not compute (``_supports_sdpa`` false, as
+    GPT-OSS with its learned sinks; attention softcapping): capture must never change the logits.
     """
     text_config = model.config.get_text_config(decoder=True)
-    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+    if not getattr(model, "_supports_sdpa", False) or getattr(text_config, "attn_logit_softcapping", None) is not None:
         return None
     _register_attention()
     key = id(model)
