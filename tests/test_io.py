@@ -516,3 +516,26 @@ def test_format_version_1_files_still_load():
         torch.testing.assert_close(served, expected[f"layer{index}"], atol=1e-6, rtol=0)
     tokens, _ = continue_from(model, ids, loaded)
     assert tokens.shape[1] == ids.shape[1] + QUESTION.shape[1] + 8
+
+
+@pytest.mark.parametrize("saved_dtype, model_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_a_file_saved_without_a_model_serves_a_model_of_another_dtype(tmp_path, saved_dtype, model_dtype):
+    torch.manual_seed(0)
+    weights = tiny_llama().state_dict()
+    for name in ("evict-snapkv-centred", "evict-keynorm", "16-bit"):
+        writer, reader = tiny_llama().eval(), tiny_llama().eval()
+        writer.load_state_dict(weights)
+        reader.load_state_dict(weights)
+        writer, reader = writer.to(saved_dtype), reader.to(model_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no model: nothing is checked, keynorm scoring
+            cache = NexusQuantCache(CONFIGS[name])
+            with torch.no_grad():
+                writer(prompt(), cache=cache)
+            cache.save(tmp_path / "c.nqc")  # the file records no dtype
+            loaded = NexusQuantCache.load(tmp_path / "c.nqc", model=reader)
+        with torch.no_grad():
+            logits = reader(prompt()[:, :9], cache=loaded).logits
+        assert logits.dtype == model_dtype and torch.isfinite(logits).all()
+        streams = [stream for layer in loaded.layers for stream in (layer.key_stream, layer.value_stream)]
+        assert all(stream.old_states().dtype == model_dtype for stream in streams if stream.old is not None)
