@@ -126,6 +126,19 @@ def test_window_beyond_float16_range_stays_full_width():
     assert layer.key_stream.recent.dtype == torch.float32 and torch.isfinite(layer.key_stream.recent).all()
 
 
+@pytest.mark.parametrize("key_bits, value_bits", [(16, 2), (2, 16), (16, 16)])
+def test_stats_count_the_storage_of_a_side_kept_at_16_bits(model, key_bits, value_bits):
+    config = NexusQuantConfig(key_bits=key_bits, value_bits=value_bits, recent_window=8, block_size=4)
+    cache = NexusQuantCache(config, model=model)
+    model(prompt(), cache=cache)
+    stats = cache.stats()  # the first retirement: the old part is cut from the prefill's window
+    held = {}  # storage by address: two views of one buffer count once, at the buffer's size
+    for layer in cache.layers:
+        for tensor in layer.state_tensors()[0].values():
+            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    assert stats["bytes"]["total"] == sum(held.values())
+
+
 def test_stats_count_every_tensor_held(model):
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
     model(prompt(), cache=cache)

@@ -252,14 +252,15 @@ class KVStream:
         return self.bits < 16 and (bool(self.exact_tokens) or self._rope_held() is not None)
 
     def _store(self, states: Tensor, positions: Tensor | None) -> Encoded | Tensor:
+        # Full-precision states are copied: a view would keep the whole old window allocated.
         if self.bits == 16 or states.shape[-2] == 0:
-            return states
+            return states.clone()
         window = states
         states = states.to(self.dtype)  # a float16 window encodes as the model's dtype
         if self.conditioning is None and (self.conditioned or self.queries is not None):
             self._fit(states, positions)
             if self.guarded:
-                return window  # as the window held it: widening float16 to float32 would gain nothing
+                return window.clone()  # as the window held it: widening float16 to float32 would gain nothing
         if self.conditioning is not None:
             states = self.conditioning.forward(states, positions)
         return encode(states, self.bits, self.config.method, self.config.seed)
