@@ -393,6 +393,43 @@ def test_tensors_that_disagree_with_the_header_are_refused(tmp_path, saved, chan
         NexusQuantCache.load(rewrite(tmp_path, saved, change))
 
 
+def _edit(name, fn):
+    """A change to layer 0's tensor ``name``: ``fn`` takes a copy and returns the forged one."""
+
+    def change(contents):
+        tensors = contents.layers[0].tensors
+        tensors[name] = fn(tensors[name].clone())
+
+    return change
+
+
+def _fill(index, value):
+    def fn(tensor):
+        tensor[index] = value
+        return tensor
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [  # each passes the checksum (rewritten) and the shapes: only the values are wrong
+        (_edit("values.codes", _fill((0, 0, 0, slice(0, 2)), 255)), "no codeword of the 2-bit e8 codebook"),
+        (_edit("values.scales", _fill((0, 0, 0), float("nan"))), "scales must be finite"),
+        (_edit("keys.recent", _fill((0, 0, 0, 0), float("inf"))), "keys: recent must be finite"),
+        (_edit("keys.recent", lambda t: t.to(torch.float8_e4m3fn)), r"keys: recent must be finite .*float8_e4m3fn"),
+        (_edit("keys.exact", _fill((0, 0, 0, 0), float("nan"))), "keys: exact must be finite"),
+        (_edit("scores", _fill((0, 0, 0), float("nan"))), "scores must be finite"),
+        (_edit("positions", lambda t: torch.full_like(t, -1)), "nothing but padding"),
+        (_edit("positions", _fill((0, 0, 0), 24)), r"positions must be -1 \(padding\) or in \[0, 24\)"),
+        (_edit("positions", _fill((0, 0, 0), -7)), r"positions must be -1 \(padding\) or in \[0, 24\)"),
+    ],
+)
+def test_tensors_with_values_no_cache_holds_are_refused(tmp_path, saved, change, message):
+    with pytest.raises(CacheFileError, match=message):
+        NexusQuantCache.load(rewrite(tmp_path, saved, change), model=saved[2])
+
+
 def test_the_model_and_the_file_must_agree_on_layer_types(tmp_path, saved):
     path = rewrite(tmp_path, saved, lambda c: setattr(c.layers[1], "sliding_window", 30))
     with pytest.raises(
@@ -408,13 +445,17 @@ def test_the_model_and_the_file_must_agree_on_layer_types(tmp_path, saved):
         (lambda h: h["config"].update(colour="red"), r"unknown NexusQuantConfig fields \['colour'\]"),
         (lambda h: h.update(tokens_seen="24"), "'tokens_seen' must be a int but is '24'"),
         (lambda h: h["layers"][0].update(type="moe"), "layer 0 has type 'moe'"),
-        (lambda h: h["layers"].clear(), "'layers' is empty"),
+        (lambda h: h["layers"].clear(), "'layers' lists 0 layers but the model has 3"),
         (lambda h: h.update(prompt={"sha256": "x", "length": 24}), "'prompt' must hold a sha256"),
         (lambda h: h.pop("model"), "missing 'model'"),
+        (lambda h: h.update(layers=h["layers"][:2]), "'layers' lists 2 layers but the model has 3"),
         (
-            lambda h: h.update(layers=h["layers"][:2]),
+            lambda h: h.update(layers=h["layers"][:2], model={**h["model"], "num_hidden_layers": 2}),
             r"tensor 'layers.2.keys.codes' is not 'layers.<i>.<name>' with i < 2",
         ),
+        (lambda h: h.update(model={}), "missing 'num_hidden_layers'"),  # an empty fingerprint fits any model
+        (lambda h: h["model"].update(head_dim=0), "the model's 'head_dim' must be >= 1 but is 0"),
+        (lambda h: h.update(tokens_seen=10**12), r"'tokens_seen' must be in \[1, 2147483647\) but is 10{12}"),
     ],
 )
 def test_an_invalid_header_is_refused(tmp_path, saved, change, message):

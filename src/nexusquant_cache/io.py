@@ -247,13 +247,20 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
+# Positions are held as int32: a cache never sees more tokens than that counts.
+MAX_TOKENS = 2**31 - 1
+
+
 def _parse(header: dict, tensors: dict[str, Tensor]) -> CacheFile:
     """The header's fields, checked for type and range, and the tensors grouped by layer."""
     config = NexusQuantConfig.from_dict(_field(header, "config", dict))
     tokens_seen = _field(header, "tokens_seen", int)
-    if tokens_seen < 1:
-        raise ValueError(f"'tokens_seen' must be >= 1 but is {tokens_seen}")
+    if not 1 <= tokens_seen < MAX_TOKENS:
+        raise ValueError(f"'tokens_seen' must be in [1, {MAX_TOKENS}) but is {tokens_seen}")
     model = _field(header, "model", dict)
+    for key in ("num_hidden_layers", "num_key_value_heads", "head_dim"):  # what the tensors must fit
+        if _field(model, key, int) < 1:
+            raise ValueError(f"the model's {key!r} must be >= 1 but is {model[key]}")
     prompt = _field(header, "prompt", dict, optional=True)
     if prompt is not None:
         digest, length = _field(prompt, "sha256", str), _field(prompt, "length", int)
@@ -271,8 +278,8 @@ def _parse(header: dict, tensors: dict[str, Tensor]) -> CacheFile:
                 "without a window, 'sliding_attention' with a window >= 1"
             )
         layers.append(LayerRecord(window, _field(record, "state", dict), {}))
-    if not layers:
-        raise ValueError("'layers' is empty")
+    if len(layers) != model["num_hidden_layers"]:
+        raise ValueError(f"'layers' lists {len(layers)} layers but the model has {model['num_hidden_layers']}")
     for name, tensor in sorted(tensors.items()):
         match = _TENSOR_NAME.fullmatch(name)
         if match is None or int(match[1]) >= len(layers):

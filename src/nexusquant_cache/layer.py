@@ -393,6 +393,11 @@ class KVStream:
                 expected.add("rope_inv_freq")
         if set(tensors) != expected:
             raise ValueError(f"has tensors {sorted(tensors)} but needs {sorted(expected)}")
+        for name, tensor in tensors.items():  # nothing non-finite, nothing narrower than the window's float16
+            if tensor.is_floating_point() and (tensor.dtype not in _STATE_DTYPES or not torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"{name} must be finite {' or '.join(map(str, _STATE_DTYPES))}, not {_describe(tensor)}"
+                )
         recent = tensors["recent"]
         if recent.dim() != 4 or not recent.is_floating_point():
             raise ValueError(f"recent must be a floating [batch, heads, tokens, dim] tensor, not {_describe(recent)}")
@@ -410,6 +415,7 @@ class KVStream:
             old = Encoded(tensors["codes"], tensors["scales"], self.bits, self.config.method, self.config.seed, dtype)
             if old.scales.dim() != 3 or old.shape[:2] != (batch, heads) or old.dim != dim:
                 raise ValueError(f"codes decode to {list(old.shape)}, which does not fit recent {list(recent.shape)}")
+            old.check_values()
         elif kind == "states":
             old = tensors["old"]
             if state["bits"] != 16 or old.dim() != 4 or old.shape[:2] != (batch, heads) or old.shape[-1] != dim:
@@ -525,6 +531,7 @@ def _bytes(tensor: Tensor | None) -> int:
 # A stream's exported old part: kind -> its tensors (see KVStream.state_tensors).
 _OLD_TENSORS = {None: (), "codes": ("codes", "scales"), "states": ("old",)}
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+_STATE_DTYPES = SUPPORTED_DTYPES  # what a file may hold states in: float8 would lose precision silently
 
 
 def _describe(tensor: Tensor) -> str:
@@ -855,7 +862,16 @@ class NexusQuantLayer(CacheLayerMixin):
                 kind = "int32" if name == "positions" else "floating"
                 found = "nothing" if tensor is None else _describe(tensor)
                 raise ValueError(f"{name} must be {kind} [{batch}, {heads}, {stored}] but is {found}")
-        self.positions, self.scores, self.shift = tensors.get("positions"), tensors.get("scores"), shift
+        positions, scores = tensors.get("positions"), tensors.get("scores")
+        if positions is not None and stored:
+            real = positions != PAD
+            if ((positions < 0) & real).any() or (positions >= seen).any():
+                raise ValueError(f"positions must be {PAD} (padding) or in [0, {seen}) (the tokens seen)")
+            if not real.any(-1).all():
+                raise ValueError("positions hold a batch row and head of nothing but padding")
+        if scores is not None and not torch.isfinite(scores).all():
+            raise ValueError("scores must be finite")
+        self.positions, self.scores, self.shift = positions, scores, shift
         self._shift_pending = shift is not None and bool((shift == UNKNOWN_SHIFT).any())
         self.seen = seen
         self.device = keys.recent.device

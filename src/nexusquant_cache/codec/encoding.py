@@ -81,6 +81,19 @@ class Encoded:
     def to(self, device: torch.device | str) -> "Encoded":
         return Encoded(self.codes.to(device), self.scales.to(device), self.bits, self.method, self.seed, self.dtype)
 
+    def check_values(self) -> None:
+        """Raise ValueError unless every code is a codeword and every scale finite and decodable:
+        what codes read from outside (a file) must pass before :func:`decode` sees them."""
+        if not torch.isfinite(self.scales).all() or (self.scales.float().abs() > _DECODABLE).any():
+            raise ValueError("scales must be finite numbers below about 1.7e38")
+        q = quantizer(self.method.value, self.bits)
+        codes = self.codes.reshape(-1, self.codes.shape[-1])
+        for start in range(0, codes.shape[0], _CHUNK):
+            if not q.is_word(unpack_words(codes[start : start + _CHUNK], self.bits)).all():
+                raise ValueError(
+                    f"codes hold words that are no codeword of the {self.bits}-bit {self.method.value} codebook"
+                )
+
 
 def _check(x: Tensor, bits: int, method: str) -> None:
     if not isinstance(x, Tensor):

@@ -63,6 +63,13 @@ class E8Quantizer:
         first_words = first_book.index(proposals[choice, rows])
         return points[choice, rows], first_words | (second_words << self._first_bits)
 
+    def is_word(self, words: Tensor) -> Tensor:
+        """Which words (int64, any shape) index a codeword in every stage."""
+        sizes = [len(stage.points) for stage in self.stages]
+        if len(sizes) == 1:
+            return words < sizes[0]
+        return ((words & ((1 << self._first_bits) - 1)) < sizes[0]) & ((words >> self._first_bits) < sizes[1])
+
     def dequantize(self, words: Tensor) -> Tensor:
         """words [m] int64 -> blocks [m, 8] float32."""
         first_book = self.stages[0].to(words.device)
@@ -102,6 +109,9 @@ class ScalarQuantizer:
         codes = torch.bucketize(y, self.thresholds.to(y.device))
         shifts = self._shifts.to(y.device)
         return self.levels.to(y.device)[codes], (codes << shifts).sum(-1)
+
+    def is_word(self, words: Tensor) -> Tensor:
+        return torch.ones_like(words, dtype=torch.bool)  # every bits-wide field is a level
 
     def dequantize(self, words: Tensor) -> Tensor:
         codes = (words.unsqueeze(-1) >> self._shifts.to(words.device)) & (2**self.bits - 1)
