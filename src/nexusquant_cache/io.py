@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from transformers import PretrainedConfig
@@ -165,8 +165,7 @@ def read(path: str | os.PathLike) -> CacheFile:
     Checked in this order: a safetensors file, our format, our format version, the checksum over
     metadata and tensors, then the header's fields and the tensor names. The layers check their
     own tensors when they restore them."""
-    data = Path(path).read_bytes()
-    metadata = _safetensors_metadata(data, path)
+    metadata = _safetensors_metadata(path)
     if metadata.get("format") != FORMAT:
         raise CacheFileError(
             f"{path} is a safetensors file but not a {FORMAT} file (metadata 'format' is "
@@ -178,7 +177,7 @@ def read(path: str | os.PathLike) -> CacheFile:
             f"versions {', '.join(READABLE_VERSIONS)}: use the version that wrote it, or save the cache again"
         )
     try:
-        tensors = load_safetensors(data)
+        tensors = load_safetensors_file(path)  # read once into memory: no second copy of the file
     except Exception as error:  # safetensors raises its own error type for every malformed file
         raise CacheFileError(f"{path} is not a valid safetensors file ({error}): truncated or damaged") from None
     if not isinstance(metadata.get("sha256"), str) or metadata["sha256"] != _checksum(metadata, tensors):
@@ -193,19 +192,22 @@ def read(path: str | os.PathLike) -> CacheFile:
         raise CacheFileError(f"{path} has an invalid header: {error}") from None
 
 
-def _safetensors_metadata(data: bytes, path) -> dict:
+def _safetensors_metadata(path) -> dict:
     """The ``__metadata__`` of a safetensors file: 8 bytes of header length, then a JSON header."""
     not_safetensors = f"{path} is not a safetensors file"
-    if len(data) < 8:
-        raise CacheFileError(f"{not_safetensors}: it has {len(data)} bytes, fewer than the 8 of a header length")
-    length = int.from_bytes(data[:8], "little")
-    if 8 + length > len(data):
-        raise CacheFileError(
-            f"{not_safetensors}, or it is truncated: its header claims {length} bytes and only "
-            f"{len(data) - 8} follow the header length"
-        )
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size < 8:
+            raise CacheFileError(f"{not_safetensors}: it has {size} bytes, fewer than the 8 of a header length")
+        length = int.from_bytes(file.read(8), "little")
+        if 8 + length > size:
+            raise CacheFileError(
+                f"{not_safetensors}, or it is truncated: its header claims {length} bytes and only "
+                f"{size - 8} follow the header length"
+            )
+        text = file.read(length)
     try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError):  # undecodable bytes, not JSON, or nested too deeply to parse
         raise CacheFileError(f"{not_safetensors}: its header is not JSON") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
