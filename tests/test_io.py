@@ -356,7 +356,7 @@ def shorten_codes(contents):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (drop_value_token, "layer 1: keys and values hold different batch sizes, heads or token counts"),
+        (drop_value_token, "layer 1: keys and values hold different batch sizes, heads, token counts or head_dim"),
         (shorten_codes, r"layer 0: keys: codes decode to \[2, 2, 8, 8\], which does not fit recent \[2, 2, 8, 16\]"),
         (
             lambda c: c.layers[2].tensors.pop("positions"),

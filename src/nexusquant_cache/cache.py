@@ -283,6 +283,10 @@ class NexusQuantCache(Cache):
                 layer.restore(tensors, record.state)
             except ValueError as error:
                 raise CacheFileError(f"{path}: layer {index}: {error}") from None
+            except (TypeError, KeyError, IndexError, AttributeError) as error:  # a field of a type no check foresaw
+                raise CacheFileError(
+                    f"{path}: layer {index}: malformed state ({type(error).__name__}: {error})"
+                ) from None
         _check_consistent(cache.layers, contents, path)
         cache.prompt = contents.prompt
         if prompt_ids is not None:

@@ -409,7 +409,7 @@ class KVStream:
                     f"codes were written with method {state.get('method')!r} and seed {state.get('seed')!r} "
                     f"but the config says {self.config.method!r} and {self.config.seed}"
                 )
-            dtype = _DTYPES.get(state.get("dtype"))
+            dtype = _DTYPES.get(state.get("dtype")) if isinstance(state.get("dtype"), str) else None
             if dtype is None:
                 raise ValueError(f"codes decode to dtype {state.get('dtype')!r}, none of {list(_DTYPES)}")
             old = Encoded(tensors["codes"], tensors["scales"], self.bits, self.config.method, self.config.seed, dtype)
@@ -837,8 +837,12 @@ class NexusQuantLayer(CacheLayerMixin):
                 raise ValueError(f"{name}: {error}") from None
         keys, values = self.key_stream, self.value_stream
         batch, heads = keys.recent.shape[:2]
-        if (*values.recent.shape[:2], values.old_length, values.length) != (batch, heads, keys.old_length, keys.length):
-            raise ValueError("keys and values hold different batch sizes, heads or token counts")
+        shapes = [
+            (*stream.recent.shape[:2], stream.old_length, stream.length, stream.recent.shape[-1])
+            for stream in (keys, values)
+        ]
+        if shapes[0] != shapes[1]:  # every model the cache serves has values as wide as keys
+            raise ValueError("keys and values hold different batch sizes, heads, token counts or head_dim")
         stored = keys.length
         expected = min(seen, self.sliding_window - 1) if self.is_sliding else seen
         if stored > expected or (stored < expected and not self.evicts):
@@ -855,11 +859,9 @@ class NexusQuantLayer(CacheLayerMixin):
             raise ValueError(f"shift must be int64 [{batch}, 1] but is {_describe(shift)}")
         for name in (name for name, needed in wanted.items() if needed):
             tensor = tensors.get(name)
-            dtype_ok = tensor is not None and (
-                tensor.dtype == torch.int32 if name == "positions" else tensor.is_floating_point()
-            )
+            dtype_ok = tensor is not None and tensor.dtype == (torch.int32 if name == "positions" else torch.float16)
             if not dtype_ok or tuple(tensor.shape) != (batch, heads, stored):
-                kind = "int32" if name == "positions" else "floating"
+                kind = "int32" if name == "positions" else "float16"
                 found = "nothing" if tensor is None else _describe(tensor)
                 raise ValueError(f"{name} must be {kind} [{batch}, {heads}, {stored}] but is {found}")
         positions, scores = tensors.get("positions"), tensors.get("scores")
