@@ -15,8 +15,10 @@ Counts the contract relies on: ``get_seq_length()`` is tokens *seen*; ``get_mask
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
+import weakref
 from contextvars import ContextVar
 from typing import Callable
 
@@ -103,6 +105,8 @@ class KVStream:
             stored = states.half()
         else:  # a value beyond float16's range: this stream's window stays at full width from now on
             stored, held = states, None if held is None else held.to(states.dtype)
+        if held is None and stored.untyped_storage().nbytes() > _bytes(stored):
+            stored = stored.clone()  # a view of a larger buffer (GPT-2's fused qkv) would keep it all alive
         self.recent = stored if held is None else torch.cat([held, stored], dim=-2)
         recent = states if held is None else torch.cat([held.to(states.dtype), states], dim=-2)
         if self.old is None:
@@ -524,6 +528,24 @@ def _keep(stats: Tensor | None, keep: Tensor, candidates: int) -> Tensor | None:
     return torch.cat([stats.gather(-1, keep), stats[..., candidates:]], -1)
 
 
+class _StoredPositions:
+    """A layer's ``_stored_positions``, holding the layer weakly: a bound method would make a
+    reference cycle, and a cache in a cycle (with its query capture) outlives its last use until
+    the garbage collector runs. Copies and pickles follow the layer."""
+
+    def __init__(self, layer: "NexusQuantLayer"):
+        self.layer = weakref.ref(layer)
+
+    def __call__(self) -> Tensor:
+        return self.layer()._stored_positions()
+
+    def __deepcopy__(self, memo: dict) -> "_StoredPositions":
+        return _StoredPositions(copy.deepcopy(self.layer(), memo))
+
+    def __reduce__(self):
+        return _StoredPositions, (self.layer(),)
+
+
 def _bytes(tensor: Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel() * tensor.element_size()
 
@@ -617,7 +639,7 @@ class NexusQuantLayer(CacheLayerMixin):
         conditioned = self.config.center_keys is not False
         sinks = 0 if self.is_sliding else self.config.sink_tokens
         self.key_stream = KVStream(self.config.key_bits, self.config, conditioned, sinks)
-        self.key_stream.rope, self.key_stream.positions = self.rope, self._stored_positions
+        self.key_stream.rope, self.key_stream.positions = self.rope, _StoredPositions(self)
         if self.index is not None:
             self.key_stream.name = f"layer {self.index}"
         self.value_stream = KVStream(self.config.value_bits, self.config)
