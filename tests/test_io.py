@@ -150,6 +150,19 @@ def test_saving_into_a_missing_folder_names_the_file_asked_for(tmp_path):
         cache.save(target)
 
 
+def test_saving_into_a_read_only_folder_names_the_file_asked_for(tmp_path, monkeypatch):
+    _, _, cache = build()
+    target = tmp_path / "c.nqc"
+
+    def refused(*args, **kwargs):  # what a read-only folder does (root, running the tests, may write anyway)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache_io.tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError, match=f"cannot write {re.escape(str(target))}: Permission denied"):
+        cache.save(target)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_prompt_recipe_is_kept_and_checked(tmp_path):
     _, ids, cache = build()
     cache.save(tmp_path / "c.nqc", prompt_ids=ids, prompt_recipe="ids = prompt(batch=2, length=40)")
