@@ -278,7 +278,9 @@ def test_config_is_hashable_and_its_overrides_frozen():
         ({1.7: {"key_bits": 16}}, r"keys must be layer indices \(integers\) but got 1.7"),
         ({True: {"key_bits": 16}}, r"keys must be layer indices \(integers\) but got True"),
         ({"0": {"key_bits": 16}, 0: {"value_bits": 16}}, "names layer 0 twice"),
-        ({0: {"key_bits": 5}}, "`key_bits` must be one of"),
+        ({0: {"key_bits": 5}}, r"`layer_overrides\[0\]`: `key_bits` must be one of"),
+        ({"\u00b2": {"key_bits": 16}}, "keys must be layer indices"),  # a superscript two is no index
+        ({"\u0661": {"key_bits": 16}}, "keys must be layer indices"),  # nor an Arabic-Indic one
     ],
 )
 def test_layer_overrides_refuse_ambiguous_indices(overrides, message):
@@ -295,6 +297,20 @@ def test_layer_overrides_must_name_layers_of_the_model():
     ):
         with pytest.raises(ValueError, match=message):
             NexusQuantCache(NexusQuantConfig(layer_overrides=overrides), model=model)
+
+
+def test_a_token_budget_below_what_a_layer_always_holds_says_why():
+    with pytest.raises(ValueError, match=r"`token_budget` must be an integer >= 196 .*sink_tokens \+ recent_window"):
+        NexusQuantConfig(token_budget=10)
+
+
+def test_an_evicting_layer_refuses_positions_beyond_int32():
+    layer = NexusQuantLayer(NexusQuantConfig(key_bits=16, value_bits=16, keep_ratio=0.5, scorer="keynorm"))
+    states = torch.randn(1, 2, 3, 16)
+    layer.update(states, states)
+    layer.seen = 2**31 - 2
+    with pytest.raises(ValueError, match=r"holds positions as int32: at most 2\^31 - 1 tokens"):
+        layer.update(states, states)
 
 
 def test_config_from_something_else_than_a_dict_says_so():

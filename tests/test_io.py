@@ -436,6 +436,11 @@ def _fill(index, value):
         (_edit("positions", lambda t: torch.full_like(t, -1)), "nothing but padding"),
         (_edit("positions", _fill((0, 0, 0), 24)), r"positions must be -1 \(padding\) or in \[0, 24\)"),
         (_edit("positions", _fill((0, 0, 0), -7)), r"positions must be -1 \(padding\) or in \[0, 24\)"),
+        # finite, but beyond anything a model produces: decoding or attention would overflow
+        (_edit("keys.offset", _fill((0, 0, 0, 0), 3e38)), "offset must lie within"),
+        (_edit("keys.scale", _fill((0, 0, 0, 0), 1e-44)), "scale must lie within"),
+        (_edit("values.scales", _fill((0, 0, 0), 1.6e38)), "scales must be finite and below"),
+        (_edit("keys.exact_index", lambda t: t.flip(-1)), "exact_index must point at the old tokens whose positions"),
     ],
 )
 def test_tensors_with_values_no_cache_holds_are_refused(tmp_path, saved, change, message):

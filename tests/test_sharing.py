@@ -122,3 +122,55 @@ def test_a_users_own_attention_switch_is_not_undone(model):
     del cache
     gc.collect()
     assert model.config._attn_implementation == "eager"
+
+
+def test_a_shallow_copy_is_refused_rather_than_sharing_layers(model):
+    cache = NexusQuantCache(NexusQuantConfig(**EVICT), model=model)
+    with pytest.raises(TypeError, match="cannot be shallow-copied: .* use copy.deepcopy"):
+        copy.copy(cache)
+    assert all(layer.scorer == "snapkv" and layer.sees_queries for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_caches_notice_when_the_user_switches_the_attention_away(model):
+    first = NexusQuantCache(NexusQuantConfig(**EVICT), model=model)
+    model(prompt(length=20), cache=first)
+    model.set_attn_implementation("eager")  # the user's choice while the first cache lives
+    with pytest.warns(UserWarning, match="scoring with 'keynorm'"):
+        second = NexusQuantCache(NexusQuantConfig(**EVICT), model=model)
+    assert second.scorer == "keynorm" and model.config._attn_implementation == "eager"
+    with pytest.warns(UserWarning, match="stopped handing its queries to the cache"):
+        model(prompt(length=4, seed=2), cache=first)
+        model(prompt(length=1, seed=3), cache=first)  # a layer's miss shows at the next layer's update
+    assert all(layer.scorer == "keynorm" for layer in first.layers)
+
+
+def test_a_task_started_inside_a_block_does_not_keep_it_after_it_closes(model):
+    import asyncio
+
+    async def main():
+        with nexusquant_evict(model, key_bits=2, **EVICT):
+            started = asyncio.Event()
+
+            async def later():
+                started.set()
+                await asyncio.sleep(0.05)  # the block closes meanwhile
+                return type(generated_cache(model))
+
+            task = asyncio.create_task(later())  # copies the context: the block is in it
+            await started.wait()
+        with nexusquant_evict(model, key_bits=3, **EVICT):  # another block keeps generate patched
+            return await task
+
+    assert asyncio.run(main()) is DynamicCache
+
+
+def test_nexusquant_evict_says_what_it_takes(model):
+    with pytest.raises(TypeError, match=r"`config` must be a NexusQuantConfig .* or a dict of its fields, not str"):
+        with nexusquant_evict(model, "max"):
+            pass
+    with pytest.raises(TypeError, match="`model` must be a transformers model with `generate`, not NoneType"):
+        with nexusquant_evict(None, NexusQuantConfig()):
+            pass
+    with nexusquant_evict(model, {"key_bits": 2, "value_bits": 2}):
+        assert generated_cache(model).config.key_bits == 2

@@ -133,6 +133,12 @@ class NexusQuantCache(Cache):
             copied._lose_queries("its model is gone")
         return copied
 
+    def __copy__(self):
+        raise TypeError(
+            "a NexusQuantCache cannot be shallow-copied: the copy would share its layers with the original; "
+            "use copy.deepcopy(cache)"
+        )
+
     def __getstate__(self) -> dict:
         return {**vars(self), "_query_source": None}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -110,7 +111,12 @@ class NexusQuantConfig:
         self._set_int("sink_tokens", minimum=0)
         self._set_int("observation_window", minimum=1)
         if self.token_budget is not None:
-            self._set_int("token_budget", minimum=self._budget_floor)
+            try:
+                self._set_int("token_budget", minimum=self._budget_floor)
+            except ValueError as error:
+                raise ValueError(
+                    f"{error} (sink_tokens + recent_window + block_size: what a layer always holds)"
+                ) from None
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
         if self.merge not in MERGES:
@@ -214,7 +220,7 @@ def _frozen_overrides(config: NexusQuantConfig, overrides: object) -> Mapping:
     for key, chosen in overrides.items():
         if _is_integer(key):
             index = operator.index(key)
-        elif isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        elif isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key):
             index = int(key)
         else:
             raise ValueError(f"`layer_overrides` keys must be layer indices (integers) but got {key!r}")
@@ -223,6 +229,9 @@ def _frozen_overrides(config: NexusQuantConfig, overrides: object) -> Mapping:
         unknown = sorted(set(chosen) - {"key_bits", "value_bits"}) if isinstance(chosen, Mapping) else [chosen]
         if unknown:
             raise ValueError(f"`layer_overrides[{index}]` may set only 'key_bits' and 'value_bits' but got {unknown}")
-        layer = replace(config, layer_overrides={}, **chosen)  # validates (and normalises) the values
+        try:
+            layer = replace(config, layer_overrides={}, **chosen)  # validates (and normalises) the values
+        except ValueError as error:
+            raise ValueError(f"`layer_overrides[{index}]`: {error}") from None
         checked[index] = MappingProxyType({name: getattr(layer, name) for name in chosen})
     return MappingProxyType(checked)

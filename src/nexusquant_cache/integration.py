@@ -124,6 +124,8 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
     key = id(model)
     with _locked():
         entry = _CAPTURING.get(key)
+        if entry is not None and entry[0]() is model and model.config._attn_implementation != ATTENTION_NAME:
+            return None  # its user switched the attention while our caches live: their choice stands
         if entry is None or entry[0]() is not model:  # a new model, or a dead one's id reused
             previous = model.config._attn_implementation
             model.set_attn_implementation(ATTENTION_NAME)
@@ -189,8 +191,18 @@ def nexusquant_evict(
 
     if config is not None and fields:
         raise ValueError("pass either `config` or its fields, not both")
-    config = config if config is not None else NexusQuantConfig(**fields)
-    block = object()
+    if not hasattr(model, "generate"):
+        raise TypeError(f"`model` must be a transformers model with `generate`, not {type(model).__name__}")
+    if isinstance(config, dict):
+        config = NexusQuantConfig.from_dict(config)
+    elif config is None:
+        config = NexusQuantConfig(**fields)
+    elif not isinstance(config, NexusQuantConfig):
+        raise TypeError(
+            f"`config` must be a NexusQuantConfig (e.g. NexusQuantConfig.preset('max')) or a dict of its fields, "
+            f"not {type(config).__name__}"
+        )
+    block = [True]  # open; a task that copied this context while it was open sees it close
     with _locked():
         patch = _PATCHED.get(id(model))
         if patch is None or patch[0]() is not model:
@@ -200,7 +212,8 @@ def nexusquant_evict(
 
             def generate(*args, **kwargs):
                 owner = reference()
-                chosen = next((c for m, c, _ in reversed(_OPEN_BLOCKS.get()) if m is owner), None)
+                blocks = reversed(_OPEN_BLOCKS.get())
+                chosen = next((c for m, c, block in blocks if m is owner and block[0]), None)
                 if chosen is not None and kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
                     kwargs["cache"] = NexusQuantCache(chosen, model=owner)
                 return (own or unbound.__get__(owner))(*args, **kwargs)
@@ -214,6 +227,7 @@ def nexusquant_evict(
         yield model
     finally:
         # Not reset(): blocks of one context may also close out of order.
+        block[0] = False
         _OPEN_BLOCKS.set(tuple(entry for entry in _OPEN_BLOCKS.get() if entry[2] is not block))
         with _locked():
             patch[2] -= 1

@@ -430,8 +430,8 @@ class KVStream:
         conditioning = None
         if conditioned:
             conditioning = KeyConditioning(
-                _checked_float(tensors, "offset", (batch, heads, 1, dim)),
-                _checked_float(tensors, "scale", (batch, heads, 1, dim), positive=True),
+                _checked_float(tensors, "offset", (batch, heads, 1, dim), bound=_STATE_BOUND),
+                _checked_float(tensors, "scale", (batch, heads, 1, dim), bound=_SCALE_BOUND, positive=True),
                 rope,
             )
         exact, exact_index = tensors.get("exact"), tensors.get("exact_index")
@@ -446,6 +446,8 @@ class KVStream:
             if ((exact_index < -1) | (exact_index >= _length(old))).any():
                 raise ValueError(f"exact_index must be -1 or an index below {_length(old)} (the old tokens)")
         queries = tensors.get("queries")
+        if queries is not None and (queries.abs() > _STATE_BOUND).any():
+            raise ValueError(f"queries must lie within +-{_STATE_BOUND:g}")
         if queries is not None and (
             queries.dim() != 4 or queries.shape[0] != batch or queries.shape[1] % heads or queries.shape[-1] != dim
         ):
@@ -462,14 +464,14 @@ class KVStream:
             self.rope = rope  # the file's, as the saved cache had it
 
 
-def _checked_float(tensors: dict, name: str, shape: tuple, positive: bool = False) -> Tensor | None:
+def _checked_float(tensors: dict, name: str, shape: tuple, bound: float, positive: bool = False) -> Tensor | None:
     tensor = tensors.get(name)
     if tensor is None:
         return None
     if tuple(tensor.shape) != shape or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
         raise ValueError(f"{name} must be finite floating {list(shape)} but is {_describe(tensor)}")
-    if positive and not (tensor > 0).all():
-        raise ValueError(f"{name} must be > 0 everywhere")
+    if (tensor.abs() > bound).any() or positive and not (tensor >= 1 / bound).all():
+        raise ValueError(f"{name} must lie within {'[1 / %g, %g]' % (bound, bound) if positive else '+-%g' % bound}")
     return tensor.float()
 
 
@@ -554,6 +556,9 @@ def _bytes(tensor: Tensor | None) -> int:
 _OLD_TENSORS = {None: (), "codes": ("codes", "scales"), "states": ("old",)}
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
 _STATE_DTYPES = SUPPORTED_DTYPES  # what a file may hold states in: float8 would lose precision silently
+# Far beyond what a model's keys, queries or fitted channel scales reach (key offsets are tens to
+# hundreds; scales are normalised to a geometric mean of 1), far below what would overflow.
+_STATE_BOUND, _SCALE_BOUND = 1e8, 1e6
 
 
 def _describe(tensor: Tensor) -> str:
@@ -665,6 +670,10 @@ class NexusQuantLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        missed = PENDING_LAYER.get()
+        if missed is not None:  # the attention that ran after that layer's update was not ours
+            PENDING_LAYER.set(None)
+            missed[0]._queries_stopped()
         self.settle()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -683,6 +692,8 @@ class NexusQuantLayer(CacheLayerMixin):
 
     def _record(self, key_states: Tensor, kwargs: dict) -> None:
         batch, heads, length, _ = key_states.shape
+        if self.seen + length >= 2**31:
+            raise ValueError("an evicting NexusQuantCache holds positions as int32: at most 2^31 - 1 tokens")
         positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
         positions = positions[:, None].expand(batch, heads, length).contiguous()  # per head once evicting
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
@@ -693,6 +704,18 @@ class NexusQuantLayer(CacheLayerMixin):
         else:
             scores = torch.zeros(batch, heads, length, dtype=torch.float16, device=key_states.device)  # see observe()
         self.scores = scores if self.scores is None else torch.cat([self.scores, scores], -1)
+
+    def _queries_stopped(self) -> None:
+        """The model's attention no longer hands this layer its queries (its implementation was
+        changed while the cache lives): say so and rank by key norm rather than on stale scores."""
+        if self.evicts and self.scorer in ATTENTION_SCORERS:
+            warnings.warn(
+                "NexusQuantCache: the model's attention stopped handing its queries to the cache (was its "
+                f"attention implementation changed?); {self.scorer!r} falls back to 'keynorm'",
+                stacklevel=3,
+            )
+            self.score_by_key_norm()
+        self.sees_queries = False
 
     def score_by_key_norm(self) -> None:
         """Rank tokens by key norm from now on (the model's queries no longer come); the stored
@@ -895,8 +918,15 @@ class NexusQuantLayer(CacheLayerMixin):
                 raise ValueError("positions hold a batch row and head of nothing but padding")
         if scores is not None and not torch.isfinite(scores).all():
             raise ValueError("scores must be finite")
-        self.positions, self.scores, self.shift = positions, scores, shift
-        self._shift_pending = shift is not None and bool((shift == UNKNOWN_SHIFT).any())
-        self.seen = seen
+        self.positions, self.shift, self.seen = positions, shift, seen  # what _stored_positions reads
         self.device = keys.recent.device
+        if keys.exact_index is not None:
+            held = keys.exact_index >= 0
+            stored_positions = self._stored_positions()[..., : keys.old_length].expand(batch, heads, -1)
+            at = torch.gather(stored_positions, -1, keys.exact_index.clamp(min=0)) if keys.old_length else None
+            slots = torch.arange(keys.exact_index.shape[-1], device=held.device)
+            if held.any() and ((at != slots) & held).any():
+                raise ValueError("keys: exact_index must point at the old tokens whose positions are the sinks' slots")
+        self.scores = scores
+        self._shift_pending = shift is not None and bool((shift == UNKNOWN_SHIFT).any())
         self.is_initialized = True

@@ -9,6 +9,7 @@ its 8-bit mantissa costs under 1e-5 in relative error.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -84,9 +85,10 @@ class Encoded:
     def check_values(self) -> None:
         """Raise ValueError unless every code is a codeword and every scale finite and decodable:
         what codes read from outside (a file) must pass before :func:`decode` sees them."""
-        if not torch.isfinite(self.scales).all() or (self.scales.float().abs() > _DECODABLE).any():
-            raise ValueError("scales must be finite numbers below about 1.7e38")
         q = quantizer(self.method.value, self.bits)
+        largest = math.sqrt(self.dim / 8) * q.largest_block_norm  # of a reconstructed vector, before its scale
+        if not torch.isfinite(self.scales).all() or (self.scales.float().abs() * largest > _DECODABLE).any():
+            raise ValueError(f"scales must be finite and below {_DECODABLE / largest:.3g} (or decoding overflows)")
         codes = self.codes.reshape(-1, self.codes.shape[-1])
         for start in range(0, codes.shape[0], _CHUNK):
             if not q.is_word(unpack_words(codes[start : start + _CHUNK], self.bits)).all():

@@ -63,6 +63,12 @@ class E8Quantizer:
         first_words = first_book.index(proposals[choice, rows])
         return points[choice, rows], first_words | (second_words << self._first_bits)
 
+    @property
+    def largest_block_norm(self) -> float:
+        """The largest norm a reconstructed block can have."""
+        norms = [float(stage.points.norm(dim=-1).max()) for stage in self.stages]
+        return norms[0] + (self.residual * norms[1] if len(norms) > 1 else 0.0)
+
     def is_word(self, words: Tensor) -> Tensor:
         """Which words (int64, any shape) index a codeword in every stage."""
         sizes = [len(stage.points) for stage in self.stages]
@@ -109,6 +115,10 @@ class ScalarQuantizer:
         codes = torch.bucketize(y, self.thresholds.to(y.device))
         shifts = self._shifts.to(y.device)
         return self.levels.to(y.device)[codes], (codes << shifts).sum(-1)
+
+    @property
+    def largest_block_norm(self) -> float:
+        return math.sqrt(8) * float(self.levels.abs().max())
 
     def is_word(self, words: Tensor) -> Tensor:
         return torch.ones_like(words, dtype=torch.bool)  # every bits-wide field is a level
