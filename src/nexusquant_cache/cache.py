@@ -130,7 +130,7 @@ class NexusQuantCache(Cache):
         if release is not None:
             weakref.finalize(copied, release)
         elif self._query_source is not None:
-            copied._lose_queries("its model is gone")
+            copied._lose_queries("its model is gone" if model is None else "its model's attention was switched away")
         return copied
 
     def __copy__(self):
