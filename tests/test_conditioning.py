@@ -623,7 +623,10 @@ def test_a_cache_saved_before_its_first_encode_continues_exactly(tmp_path, with_
     [
         (lambda t, s: s.update(guarded=True, bits=16), "a guarded side holds no codes"),
         (lambda t, s: t.update({"keys.exact": t["keys.exact"][:, :, :1]}), "exact .* is not floating"),
-        (lambda t, s: t.update({"keys.scale": torch.zeros_like(t["keys.offset"])}), "scale must be > 0"),
+        (
+            lambda t, s: t.update({"keys.scale": torch.zeros_like(t["keys.offset"])}),
+            r"scale must lie within \[1 / 1e\+06",
+        ),
         (lambda t, s: t["keys.offset"].fill_(float("nan")), "offset must be finite"),
         (lambda t, s: t["keys.rope_inv_freq"].fill_(float("inf")), "rope_inv_freq must be finite"),
         (lambda t, s: t.update({"values.offset": t["keys.offset"].clone()}), "values: holds key conditioning"),
