@@ -180,8 +180,8 @@ def nexusquant_evict(
 ) -> Iterator[PreTrainedModel]:
     """Inside the block, ``model.generate`` uses a fresh NexusQuantCache per call.
 
-    Pass a ``NexusQuantConfig`` or its fields (``nexusquant_evict(model, key_bits=3,
-    keep_ratio=0.5)``). A call that passes its own cache keeps it. Direct forward calls are not
+    Pass a ``NexusQuantConfig``, a dict of its fields, or the fields (``nexusquant_evict(model,
+    key_bits=3, keep_ratio=0.5)``). A call that passes its own cache keeps it. Direct forward calls are not
     affected. The block applies to ``generate`` calls of its own thread or asyncio task: blocks
     in other threads or tasks may overlap it in any order, and each call sees only its own.
     When the last block on a model closes, the model is as it was, also on exceptions.
