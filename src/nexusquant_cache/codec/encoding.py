@@ -140,11 +140,12 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
         unit = rotated.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(_TINY) * q.load
         points, words = q.quantize((rotated / unit).view(-1, 8))
         points = points.view_as(rotated)
-        fit = (rotated * points).sum(-1) / (points * points).sum(-1).clamp_min(_TINY)
+        power = (points * points).sum(-1)
+        fit = (rotated * points).sum(-1) / power.clamp_min(_TINY)
         scale = fit.double() * peak.squeeze(-1).double()
         stored = scale.to(SCALE_DTYPE)
         # The decoded vector's largest number is at most its norm: it must stay finite in float32.
-        largest = stored.double().abs() * points.double().norm(dim=-1)
+        largest = stored.double().abs() * power.double().sqrt()
         if not torch.isfinite(stored).all() or ((stored == 0) & (scale > 0)).any() or (largest > _DECODABLE).any():
             raise ValueError(
                 "`x` holds vectors too large or too small to encode (the scale must fit bfloat16, about "
