@@ -38,6 +38,13 @@ def test_cache_config_may_be_a_config_object(model):
     assert torch.equal(tokens, generate(model)[0])
 
 
+def test_cache_config_may_name_a_preset(model):
+    _, cache = generate(model, cache_implementation="nexusquant", cache_config={"preset": "max", "keep_ratio": 0.5})
+    assert cache.config == nexusquant_cache.NexusQuantConfig.preset("max", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="`preset` must be one of"):
+        generate(model, cache_implementation="nexusquant", cache_config={"preset": "tiny"})
+
+
 def test_generation_config_route_and_json_round_trip(model, tmp_path):
     model.generation_config.cache_implementation = "nexusquant"
     model.generation_config.cache_config = {"key_bits": 2, "keep_ratio": 0.5, "recent_window": 8, "block_size": 4}

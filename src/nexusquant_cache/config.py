@@ -199,11 +199,13 @@ class NexusQuantConfig:
     def from_dict(cls, values: Mapping) -> "NexusQuantConfig":
         if not isinstance(values, Mapping):
             raise ValueError(f"a NexusQuantConfig is made from a dict of its fields but got {values!r}")
+        values = dict(values)
+        preset = values.pop("preset", None)  # {"preset": "max", "keep_ratio": 0.5}: fields on top of a preset
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown NexusQuantConfig fields {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
+            raise ValueError(f"unknown NexusQuantConfig fields {unknown}; allowed: {sorted(known)} and 'preset'")
+        return cls(**values) if preset is None else cls.preset(preset, **values)
 
 
 def _is_integer(value: object) -> bool:
