@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexusquant_cache.codec import ball_codebook, nearest_d8, nearest_e8, shell_codebook
+from nexusquant_cache.codec.lattice import _keys
 
 
 def is_e8(points: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,9 @@ def test_codebook_shapes_and_membership():
     for book in (ball, shell):
         assert is_e8(book.points.double()).all()
         assert len(torch.unique(book.points, dim=0)) == len(book.points)
-        assert torch.all(book.keys[1:] > book.keys[:-1])
+        # Codes written by every release index the points in ascending key order; the lookup finds them.
+        assert torch.all(_keys(book.points)[1:] > _keys(book.points)[:-1])
+        assert torch.equal(book.index(book.points), torch.arange(len(book.points)))
     norms = (ball.points**2).sum(-1)
     assert (norms <= 10).sum() == 56_881  # the whole E8 ball of norm^2 <= 10
     assert norms.max() == 12

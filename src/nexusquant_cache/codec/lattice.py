@@ -49,12 +49,25 @@ def nearest_e8(x: Tensor) -> Tensor:
 
 
 def _keys(points: Tensor) -> Tensor:
-    """A unique int64 key per point of (Z/2)^8 with |coordinate| <= 3 (base-13 digits of 2x).
+    """A unique int64 key per point of (Z/2)^8 with |coordinate| <= 3 (base-13 digits of 2x):
+    the codebooks index their points in ascending key order.
 
     The digits stay below 2^31 and are summed exactly in float64, which is faster than int64.
     """
     digits = 2 * points.double() + 6
     return (digits @ (13.0 ** torch.arange(8, dtype=torch.float64, device=points.device))).long()
+
+
+_HALF_KEYS = 13**4  # keys of 4 coordinates (base-13 digits of 2x + 6)
+
+
+def _half_keys(points: Tensor) -> Tensor:
+    """The keys [m, 2] int64 of the first and last four coordinates of ``points`` [m, 8] (any
+    point of (Z/2)^8 with |coordinate| <= 3), from one small float32 matrix product (exact:
+    every sum stays below 2^24)."""
+    weights = torch.zeros(8, 2, device=points.device)
+    weights[:4, 0] = weights[4:, 1] = 2 * 13.0 ** torch.arange(4, device=points.device)
+    return torch.addmm(weights.new_full((1, 2), 6.0 * (13**4 - 1) / 12), points, weights).long()
 
 
 @cached_table(1)
@@ -79,26 +92,39 @@ class OrbitCodebook:
         patterns: [P, 8] float32, each orbit's absolute values sorted in descending order.
         half: [P] bool, whether the orbit lies in D8 + 1/2 (its sign flips are parity-bound).
         points: [n, 8] float32, every codeword; the row is the codeword's index.
-        keys: [n] int64, ascending, the key of each row (for index lookup).
+        half_ids: [13^4] int64, a dense id for every key of four coordinates that occurs in a
+            codeword (-1: none): a codeword's index is found from the ids of its two halves by
+            two table lookups, without searching.
+        pair_index: [K, K] int32, the index of the codeword whose halves have ids (a, b)
+            (-1: none), K the number of distinct halves (1,113 in the ball codebook: 5 MB).
         index_bits: bits per index, ``ceil(log2(n))``.
     """
 
     patterns: Tensor
     half: Tensor
     points: Tensor
-    keys: Tensor
+    half_ids: Tensor
+    pair_index: Tensor
     index_bits: int
 
     @classmethod
     def from_patterns(cls, patterns: list[tuple[float, ...]]) -> "OrbitCodebook":
         points = torch.cat([_orbit(p) for p in patterns])
-        keys, order = _keys(points).sort()
+        points = points[_keys(points).argsort()].float()  # the index order of every code written so far
+        halves = _half_keys(points)
+        distinct = halves.unique()
+        half_ids = torch.full((_HALF_KEYS,), -1, dtype=torch.int64)
+        half_ids[distinct] = torch.arange(len(distinct))
+        pair_index = torch.full((len(distinct), len(distinct)), -1, dtype=torch.int32)
+        ids = half_ids[halves]
+        pair_index[ids[:, 0], ids[:, 1]] = torch.arange(len(points), dtype=torch.int32)
         pattern_tensor = torch.tensor(patterns, dtype=torch.float32)
         return cls(
             patterns=pattern_tensor,
             half=torch.remainder(pattern_tensor[:, 0], 1) != 0,
-            points=points[order].float(),
-            keys=keys,
+            points=points,
+            half_ids=half_ids,
+            pair_index=pair_index,
             index_bits=(len(points) - 1).bit_length(),
         )
 
@@ -123,7 +149,8 @@ class OrbitCodebook:
 
     def index(self, points: Tensor) -> Tensor:
         """Index [m] int64 of codewords ``points`` [m, 8]."""
-        return torch.searchsorted(self.keys, _keys(points))
+        ids = self.half_ids[_half_keys(points)]
+        return self.pair_index[ids[:, 0], ids[:, 1]].long()
 
     def _align(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per pattern, ||y||^2 - distance^2 to its best-aligned point [m, P], the sorting
@@ -163,7 +190,7 @@ class OrbitCodebook:
 
 @cached_table(8)
 def _on_device(book: OrbitCodebook, device: torch.device) -> OrbitCodebook:
-    tensors = (book.patterns, book.half, book.points, book.keys)
+    tensors = (book.patterns, book.half, book.points, book.half_ids, book.pair_index)
     return OrbitCodebook(*(t.to(device) for t in tensors), book.index_bits)
 
 
