@@ -157,6 +157,46 @@ def test_rope_matches_the_models_rotary_embedding(case):
         assert torch.equal(layer_rope.inv_freq, rope.inv_freq) and layer_rope.scaling == rope.scaling
 
 
+def tiny(name: str, **extra):
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=97,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        **extra,
+    )
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("name", ["Cohere", "Helium"])
+def test_a_rope_of_other_channel_pairs_is_not_used(name):
+    # These rotate interleaved pairs (2i, 2i + 1), not (i, i + d/2): reading their frequencies
+    # as ours would "remove" an offset rotated the wrong way. They get the plain mean instead.
+    torch.manual_seed(0)
+    model = tiny(name, head_dim=HEAD_DIM)
+    assert rotary_embeddings(model) == [None] * 4
+    cache = NexusQuantCache(NexusQuantConfig(key_bits=4, value_bits=16, recent_window=4, block_size=4), model=model)
+    with torch.no_grad():
+        model(ids_of(40), cache=cache)
+    cache.layers[0].settle()  # the first encode, which fits the conditioning
+    stream = cache.layers[0].key_stream
+    assert stream.conditioning is not None and stream.conditioning.rope is None
+
+
+def test_layers_without_rope_and_dynamic_rope_get_none():
+    torch.manual_seed(0)
+    ropes = rotary_embeddings(tiny("SmolLM3", no_rope_layers=[1, 1, 1, 0], pad_token_id=0))  # 0: applies no RoPE
+    assert [rope is None for rope in ropes] == [False, False, False, True]
+    # Dynamic NTK RoPE changes its frequencies with the length: keys of one text mix several.
+    dynamic = tiny_llama({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    assert rotary_embeddings(dynamic) == [None] * 3
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. KeyConditioning is exactly invertible
 
@@ -618,6 +658,14 @@ def test_a_cache_saved_before_its_first_encode_continues_exactly(tmp_path, with_
         torch.testing.assert_close(actual, expected, atol=0.02, rtol=0)
 
 
+def _drop_conditioning(tensors, state):
+    """A file that says its codes were encoded without conditioning, in a cache that conditions:
+    the next fit would decode them with a conditioning they never had."""
+    for name in ("offset", "scale", "rope_inv_freq"):
+        tensors.pop(f"keys.{name}")
+    state.update(conditioned=False, rope_scaling=None)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -630,6 +678,8 @@ def test_a_cache_saved_before_its_first_encode_continues_exactly(tmp_path, with_
         (lambda t, s: t["keys.offset"].fill_(float("nan")), "offset must be finite"),
         (lambda t, s: t["keys.rope_inv_freq"].fill_(float("inf")), "rope_inv_freq must be finite"),
         (lambda t, s: t.update({"values.offset": t["keys.offset"].clone()}), "values: holds key conditioning"),
+        (lambda t, s: t["keys.rope_inv_freq"].mul_(3), "RoPE frequencies or scaling other than the model's"),
+        (_drop_conditioning, "holds codes but no key conditioning"),
     ],
 )
 def test_crafted_conditioning_state_is_refused_on_load(tmp_path, change, message):
@@ -648,4 +698,22 @@ def test_crafted_conditioning_state_is_refused_on_load(tmp_path, change, message
     change(record.tensors, record.state["keys"])
     io.write(tmp_path / "crafted.nqc", contents)
     with pytest.raises(io.CacheFileError, match=message):
+        NexusQuantCache.load(tmp_path / "crafted.nqc", model=model)
+
+
+def test_a_file_whose_states_overflow_a_float16_model_is_refused(tmp_path):
+    # Bounds that keep a float32 model's logits finite do not keep a float16 model's.
+    torch.manual_seed(0)
+    model = tiny_llama().half()
+    cache = NexusQuantCache(NexusQuantConfig(key_bits=4, value_bits=4, recent_window=4, block_size=4), model=model)
+    with torch.no_grad():
+        model(ids_of(40), cache=cache)
+    cache.save(tmp_path / "c.nqc")
+    NexusQuantCache.load(tmp_path / "c.nqc", model=model)  # as saved: fine
+    contents = io.read(tmp_path / "c.nqc")
+    contents.layers[1].tensors["values.recent"] = torch.full(contents.layers[1].tensors["values.recent"].shape, 1e30)
+    io.write(tmp_path / "crafted.nqc", contents)
+    with pytest.raises(
+        io.CacheFileError, match=r"layer 1: values: recent states are not finite in the model's torch.float16"
+    ):
         NexusQuantCache.load(tmp_path / "crafted.nqc", model=model)

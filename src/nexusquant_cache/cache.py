@@ -287,6 +287,8 @@ class NexusQuantCache(Cache):
             tensors = {name: tensor.to(device) for name, tensor in record.tensors.items()}
             try:
                 layer.restore(tensors, record.state)
+                if model is not None and torch.finfo(model.dtype).max < torch.finfo(torch.float32).max:
+                    layer.check_representable(model.dtype)  # bounds that hold for float32 do not for float16
             except ValueError as error:
                 raise CacheFileError(f"{path}: layer {index}: {error}") from None
             except (TypeError, KeyError, IndexError, AttributeError) as error:  # a field of a type no check foresaw

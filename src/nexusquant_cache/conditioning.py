@@ -54,6 +54,16 @@ class Rope:
     inv_freq: Tensor  # float32 [rotated / 2]
     scaling: float = 1.0
 
+    def same_as(self, other: "Rope") -> bool:
+        """Whether ``other`` rotates as this one does (up to float rounding: another release may
+        compute the model's frequencies in another order)."""
+        mine, theirs = self.inv_freq.cpu(), other.inv_freq.cpu()
+        return (
+            mine.shape == theirs.shape
+            and torch.allclose(mine, theirs, rtol=1e-4, atol=0)
+            and abs(self.scaling - other.scaling) <= 1e-4 * abs(other.scaling)
+        )
+
     def apply(self, x: Tensor, positions: Tensor, inverse: bool = False) -> Tensor:
         """R(p) x (or its inverse) for ``x`` [..., T, d] float32 at ``positions`` broadcastable to [..., T]."""
         half = self.inv_freq.shape[0]

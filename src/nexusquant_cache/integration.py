@@ -74,10 +74,16 @@ def _register_attention() -> None:
 
 
 def rotary_embeddings(model: PreTrainedModel) -> list:
-    """Per decoder layer, the model's rotary embedding as a :class:`~nexusquant_cache.conditioning.Rope`
-    (None where the model has none we can read): the frequencies of its ``rotary_emb`` module,
-    per layer type where it has several (Gemma 3). Key conditioning only needs them to be good,
-    not exact: it adds back exactly what it took away."""
+    """Per decoder layer, the model's rotary embedding as a :class:`~nexusquant_cache.conditioning.Rope`,
+    or None where there is none we can trust (key conditioning then removes a plain mean): the
+    frequencies of the ``rotary_emb`` module, per layer type where it has several (Gemma 3),
+    each checked against the model's own ``apply_rotary_pos_emb`` on a probe (a model that
+    rotates other channel pairs, Cohere's or GLM's interleaved ones, fails it). Layers whose
+    attention applies no RoPE (``use_rope`` false: SmolLM3's and Llama 4's NoPE layers) and
+    dynamic RoPE (frequencies that change with the length) get None. Conditioning only needs the
+    RoPE to be right to remove the offset well: it adds back exactly what it took away."""
+    import sys
+
     import torch
 
     from .conditioning import Rope
@@ -87,16 +93,49 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # not a vision tower's
     module = next((m for name, m in decoder.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"), None)
+    attentions = [getattr(layer, "self_attn", None) for layer in getattr(decoder, "layers", [])]
+    if module is None or len(attentions) != layers or any(attention is None for attention in attentions):
+        return [None] * layers
+    apply = getattr(sys.modules.get(type(attentions[0]).__module__), "apply_rotary_pos_emb", None)
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * layers
-    ropes = []
-    for layer_type in layer_types:
-        inv_freq = getattr(module, f"{layer_type}_inv_freq", None)
-        scaling = getattr(module, f"{layer_type}_attention_scaling", None)
-        if inv_freq is None:
-            inv_freq, scaling = getattr(module, "inv_freq", None), getattr(module, "attention_scaling", 1.0)
-        usable = isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1 and 0 < 2 * len(inv_freq) <= head_dim
-        ropes.append(Rope(inv_freq.detach().float().clone(), float(scaling or 1.0)) if usable else None)
+    ropes, checked = [], {}
+    for layer_type, attention in zip(layer_types, attentions):
+        if layer_type not in checked:
+            checked[layer_type] = _checked_rope(module, layer_type, apply, head_dim, Rope, torch)
+        rope = checked[layer_type] if getattr(attention, "use_rope", True) else None
+        # Each layer its own copy: files hold every layer's tensors apart (safetensors refuses shared memory).
+        ropes.append(None if rope is None else Rope(rope.inv_freq.clone(), rope.scaling))
     return ropes
+
+
+def _checked_rope(module, layer_type: str, apply, head_dim: int, rope_class, torch):
+    """The Rope of ``layer_type`` read from the ``rotary_emb`` ``module``, if the model's
+    ``apply`` rotates a probe the same way; else None."""
+    inv_freq = getattr(module, f"{layer_type}_inv_freq", None)
+    scaling = getattr(module, f"{layer_type}_attention_scaling", None)
+    rope_type = getattr(module, "rope_type", None)
+    if inv_freq is None:
+        inv_freq, scaling = getattr(module, "inv_freq", None), getattr(module, "attention_scaling", 1.0)
+    elif isinstance(rope_type, dict):
+        rope_type = rope_type.get(layer_type)
+    usable = isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1 and 0 < 2 * len(inv_freq) <= head_dim
+    if not usable or apply is None or "dynamic" in str(rope_type):
+        return None
+    rope = rope_class(inv_freq.detach().float().clone(), float(scaling or 1.0))
+    positions = torch.arange(100, 108, device=inv_freq.device)[None]  # far from 0: every frequency turns
+    probe = torch.randn(1, 1, 8, head_dim, generator=torch.Generator().manual_seed(0)).to(inv_freq.device)
+    try:
+        with torch.no_grad():
+            by_type = {"layer_type": layer_type} if f"{layer_type}_inv_freq" in dir(module) else {}
+            cos, sin = module(probe, positions, **by_type)
+            # Partial RoPE: some models split the rotated channels off before calling apply (Phi,
+            # StableLM), so the probe is as wide as cos: all of it rotates.
+            probe = probe[..., : cos.shape[-1]]
+            rotated = apply(probe, probe, cos, sin)[1].float()
+    except Exception:  # a signature of its own (multimodal RoPE, ...): not a RoPE we know
+        return None
+    expected = rope.apply(probe, positions[None]).to(rotated.device)
+    return rope if rotated.shape == expected.shape and torch.allclose(rotated, expected, atol=1e-4, rtol=1e-4) else None
 
 
 # id(model) -> [weak reference to the model, its previous attention implementation, users, id(model)]

@@ -300,6 +300,17 @@ class KVStream:
             )
             self.guarded, self.bits, self.conditioning, self.exact_tokens = True, 16, None, 0
 
+    def check_representable(self, dtype: torch.dtype) -> None:
+        """Raise ValueError unless every state this stream would hand a model of ``dtype`` is finite
+        in it (a loaded file's values are bounded for float32; float16's range is far smaller)."""
+        self.dtype = dtype
+        for name, states in (("recent", self.recent), ("exact", self.exact), ("old", self.old)):
+            if states is None or _length(states) == 0:
+                continue
+            states = self.old_states() if name == "old" else states
+            if not torch.isfinite(states.to(dtype)).all():
+                raise ValueError(f"{name} states are not finite in the model's {dtype}")
+
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (an indexing of dim 0) to every tensor held."""
         if self.recent is not None:
@@ -386,6 +397,9 @@ class KVStream:
             raise ValueError(f"holds key conditioning ({conditioned!r}, RoPE {rope_scaling!r}) that this side has not")
         if guarded and (conditioned or rope_scaling is not None):
             raise ValueError("a guarded side holds no conditioning")
+        if kind == "codes" and self.conditioned and not conditioned:
+            # Its first encode fits the conditioning; codes without one would be decoded with the next fit's.
+            raise ValueError("holds codes but no key conditioning, which this side's config fits before encoding")
         expected = {"recent", *_OLD_TENSORS[kind]}
         if conditioned:
             expected |= {"offset", *(name for name in ("scale",) if name in tensors)}
@@ -427,6 +441,8 @@ class KVStream:
                     f"old states {_describe(old)} do not fit recent {list(recent.shape)} at {state['bits']} bits"
                 )
         rope = _restore_rope(tensors.get("rope_inv_freq"), rope_scaling, dim)
+        if rope is not None and self.rope is not None and not rope.same_as(self.rope):
+            raise ValueError("holds RoPE frequencies or scaling other than the model's")
         conditioning = None
         if conditioned:
             conditioning = KeyConditioning(
@@ -841,6 +857,14 @@ class NexusQuantLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self._map_batch(lambda t: t[indices])
+
+    def check_representable(self, dtype: torch.dtype) -> None:
+        """Raise ValueError unless every state this layer would hand a model of ``dtype`` is finite in it."""
+        for name, stream in (("keys", self.key_stream), ("values", self.value_stream)):
+            try:
+                stream.check_representable(dtype)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by part: codes, scales, full-precision window, positions and statistics."""
