@@ -6,17 +6,18 @@ alternative is re-running the prefill of document + question with a 16-bit Dynam
 size reference is a safetensors file of that DynamicCache's keys and values in bfloat16. Run on
 2 CPU threads:
 
-    python benchmarks/prefix_cache.py
+    python benchmarks/prefix_cache.py [--text python-docs]
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _austen import read_book
+from _austen import TEXT_HELP, read_book
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
@@ -29,9 +30,12 @@ QUESTION = "\n\nQuestion: Who is Emma's governess?\nAnswer:"
 
 @torch.inference_mode()
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--text", help=TEXT_HELP)
+    args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_smollm2()
-    book = tokenizer(read_book(None), add_special_tokens=False).input_ids
+    book = tokenizer(read_book(args.text), add_special_tokens=False).input_ids
     document = torch.tensor([[tokenizer.convert_tokens_to_ids("<|endoftext|>"), *book[5000:9095]]])
     question = tokenizer(QUESTION, add_special_tokens=False, return_tensors="pt").input_ids
     full = torch.cat([document, question], dim=1)

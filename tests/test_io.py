@@ -186,7 +186,7 @@ def test_prompt_hash_checks_the_prefix(tmp_path):
         loaded.check_prompt(other)
     with pytest.raises(PromptMismatchError, match="the ids have 39 tokens but the cache's prompt has 40"):
         loaded.check_prompt(ids[:, :39])
-    with pytest.raises(PromptMismatchError):
+    with pytest.raises(PromptMismatchError, match=r"c\.nqc: the first 40 ids are not the prompt"):
         NexusQuantCache.load(tmp_path / "c.nqc", model=model, prompt_ids=other)
     cache.prompt = None
     cache.save(tmp_path / "anonymous.nqc")

@@ -298,7 +298,10 @@ class NexusQuantCache(Cache):
         _check_consistent(cache.layers, contents, path)
         cache.prompt = contents.prompt
         if prompt_ids is not None:
-            cache.check_prompt(prompt_ids)
+            try:
+                cache.check_prompt(prompt_ids)
+            except PromptMismatchError as error:
+                raise PromptMismatchError(f"{path}: {error}") from None
         return cache
 
     def check_prompt(self, ids) -> None:

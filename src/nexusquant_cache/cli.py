@@ -263,7 +263,7 @@ def _continue(model, ids, cache, label: str, new_tokens: int, saved: Path | None
     from .eval.methods import tensor_bytes
 
     started = time.perf_counter()
-    prefill(model, ids[:, :-1], cache, 512, _progress(f"{label}: prefill"))
+    prefill(model, ids[:, :-1], cache, 512, _progress(f"{label}: prefill (the prompt but its last token)"))
     prefill_s = time.perf_counter() - started
     if isinstance(cache, NexusQuantCache):
         cache.save(saved, prompt_ids=ids)
@@ -326,7 +326,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             options.add_argument(flag, type=_boolean, metavar="true|false", help=f"(default {default})")
         elif field.name == "center_keys":
-            options.add_argument(flag, type=_auto_boolean, metavar="auto|true|false", help="(default auto)")
+            options.add_argument(flag, type=_auto_boolean, metavar="auto|true|false", help="key conditioning (default auto; true is the same, false turns it off)")
         elif isinstance(default, dict):
             options.add_argument(flag, type=json.loads, metavar="JSON", help='e.g. \'{"0": {"key_bits": 16}}\'')
         elif field.name == "token_budget":
