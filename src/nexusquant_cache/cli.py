@@ -87,7 +87,12 @@ def _compress(args: argparse.Namespace) -> int:
     print(
         f"{output}: {ids.shape[1]} tokens in {time.perf_counter() - started:.1f} s (prefill and save); the cache "
         f"holds {stats['bytes']['total']:,} bytes ({stats['ratio']:.2f}x smaller than a 16-bit cache), the file "
-        f"is {output.stat().st_size:,} bytes\nprompt ids: {recipe}",
+        f"is {output.stat().st_size:,} bytes\nprompt ids: {recipe}"
+        + (
+            f"\nguarded layers: {stats['guarded_layers']} (their keys kept at full precision, see docs/cache.md)"
+            if stats["guarded_layers"]
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0
