@@ -166,7 +166,7 @@ def test_demo_compares_the_two_caches(tmp_path, model_folder, capsys):
     # BOS and 299 characters, cut back to the last sentence end (BOS and 272 characters), so the
     # continuations do not start mid-word; all but the last prompt token are prefilled, with progress.
     assert table.split("The prompt ends: ...")[1].split("\n")[0].endswith(".")
-    assert "NexusQuantCache max: prefill 272/272 tokens (100%)" in captured.err
+    assert "NexusQuantCache max: prefill (the prompt but its last token) 272/272 tokens (100%)" in captured.err
 
 
 def test_demo_needs_no_files_outside_the_package():
