@@ -331,7 +331,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if isinstance(default, bool):
             options.add_argument(flag, type=_boolean, metavar="true|false", help=f"(default {default})")
         elif field.name == "center_keys":
-            options.add_argument(flag, type=_auto_boolean, metavar="auto|true|false", help="key conditioning (default auto; true is the same, false turns it off)")
+            options.add_argument(
+                flag,
+                type=_auto_boolean,
+                metavar="auto|true|false",
+                help="key conditioning (default auto; true is the same, false turns it off)",
+            )
         elif isinstance(default, dict):
             options.add_argument(flag, type=json.loads, metavar="JSON", help='e.g. \'{"0": {"key_bits": 16}}\'')
         elif field.name == "token_budget":

@@ -159,12 +159,13 @@ def fit_key_conditioning(
     # Judge on at most 256 tokens: the choice must not cost a second encoding of a long prompt.
     stride = max(1, tokens // 256)
     probe, probe_positions, probe_counted = keys[..., ::stride, :], positions[..., ::stride], counted[..., ::stride]
-    plain_error = logit_error(queries, probe, conditioning, probe_positions, bits, method, seed, probe_counted)
     residual = conditioning.forward(keys, positions)
     half = keys.shape[-1] // 2 if rope is None else rope.inv_freq.shape[0]
     scale = _query_scale(queries, residual, weights / total, half).expand(batch, -1, -1, -1).contiguous()
     scaled = KeyConditioning(offset, scale, rope)
-    scaled_error = logit_error(queries, probe, scaled, probe_positions, bits, method, seed, probe_counted)
+    plain_error, scaled_error = logit_errors(
+        queries, probe, [conditioning, scaled], probe_positions, bits, method, seed, probe_counted
+    )
     better = (scaled_error.amax(0) < plain_error.amax(0))[None, :, None, None]  # one choice per head
     conditioning.scale = torch.where(better, scale, torch.ones_like(scale))
     return conditioning, torch.where(better[..., 0, 0], scaled_error, plain_error)
@@ -204,9 +205,31 @@ def logit_error(
     over the variance of the exact logits across tokens (what softmax sees), pooled over each
     head's query group; only over the ``counted`` tokens [B, H, T] (default: all), 0 for a row
     with fewer than two. About the codec's relative error (~0.0075 at 4 bits) on well-behaved keys."""
-    restored = conditioning.inverse(
-        decode(encode(conditioning.forward(keys, positions), bits, method, seed)), positions, reuse=True
-    )
+    return logit_errors(queries, keys, [conditioning], positions, bits, method, seed, counted)[0]
+
+
+def logit_errors(
+    queries: Tensor,
+    keys: Tensor,
+    conditionings: list[KeyConditioning],
+    positions: Tensor,
+    bits: int,
+    method: str,
+    seed: int,
+    counted: Tensor | None = None,
+) -> list[Tensor]:
+    """:func:`logit_error` of each conditioning, from one encode of all of them (a small encode
+    costs mostly its fixed overhead; each vector is coded alone, so the codes are the same)."""
+    tokens = keys.shape[-2]
+    inputs = torch.cat([conditioning.forward(keys, positions) for conditioning in conditionings], dim=-2)
+    decoded = decode(encode(inputs, bits, method, seed)).split(tokens, dim=-2)
+    return [
+        _relative_error(queries, keys, conditioning.inverse(part, positions), counted)
+        for conditioning, part in zip(conditionings, decoded)
+    ]
+
+
+def _relative_error(queries: Tensor, keys: Tensor, restored: Tensor, counted: Tensor | None) -> Tensor:
     batch, heads, tokens, dim = keys.shape
     weights = torch.ones(batch, heads, tokens, device=keys.device) if counted is None else counted.float()
     count = weights.sum(-1)  # [B, H]

@@ -84,8 +84,6 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
     RoPE to be right to remove the offset well: it adds back exactly what it took away."""
     import sys
 
-    import torch
-
     from .conditioning import Rope
 
     text_config = model.config.get_text_config(decoder=True)
@@ -101,33 +99,37 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
     ropes, checked = [], {}
     for layer_type, attention in zip(layer_types, attentions):
         if layer_type not in checked:
-            checked[layer_type] = _checked_rope(module, layer_type, apply, head_dim, Rope, torch)
+            checked[layer_type] = _checked_rope(module, layer_type, apply, head_dim)
         rope = checked[layer_type] if getattr(attention, "use_rope", True) else None
         # Each layer its own copy: files hold every layer's tensors apart (safetensors refuses shared memory).
         ropes.append(None if rope is None else Rope(rope.inv_freq.clone(), rope.scaling))
     return ropes
 
 
-def _checked_rope(module, layer_type: str, apply, head_dim: int, rope_class, torch):
+def _checked_rope(module, layer_type: str, apply, head_dim: int):
     """The Rope of ``layer_type`` read from the ``rotary_emb`` ``module``, if the model's
     ``apply`` rotates a probe the same way; else None."""
+    import torch
+
+    from .conditioning import Rope
+
     inv_freq = getattr(module, f"{layer_type}_inv_freq", None)
+    per_type = inv_freq is not None  # Gemma 3: one RoPE per layer type, chosen by an argument
     scaling = getattr(module, f"{layer_type}_attention_scaling", None)
     rope_type = getattr(module, "rope_type", None)
-    if inv_freq is None:
+    if not per_type:
         inv_freq, scaling = getattr(module, "inv_freq", None), getattr(module, "attention_scaling", 1.0)
     elif isinstance(rope_type, dict):
         rope_type = rope_type.get(layer_type)
     usable = isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1 and 0 < 2 * len(inv_freq) <= head_dim
     if not usable or apply is None or "dynamic" in str(rope_type):
         return None
-    rope = rope_class(inv_freq.detach().float().clone(), float(scaling or 1.0))
+    rope = Rope(inv_freq.detach().float().clone(), float(scaling or 1.0))
     positions = torch.arange(100, 108, device=inv_freq.device)[None]  # far from 0: every frequency turns
     probe = torch.randn(1, 1, 8, head_dim, generator=torch.Generator().manual_seed(0)).to(inv_freq.device)
     try:
         with torch.no_grad():
-            by_type = {"layer_type": layer_type} if f"{layer_type}_inv_freq" in dir(module) else {}
-            cos, sin = module(probe, positions, **by_type)
+            cos, sin = module(probe, positions, **({"layer_type": layer_type} if per_type else {}))
             # Partial RoPE: some models split the rotated channels off before calling apply (Phi,
             # StableLM), so the probe is as wide as cos: all of it rotates.
             probe = probe[..., : cos.shape[-1]]

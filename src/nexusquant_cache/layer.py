@@ -303,7 +303,7 @@ class KVStream:
     def check_representable(self, dtype: torch.dtype) -> None:
         """Raise ValueError unless every state this stream would hand a model of ``dtype`` is finite
         in it (a loaded file's values are bounded for float32; float16's range is far smaller)."""
-        self.dtype = dtype
+        self.dtype = dtype  # what the next append would set: the dtype decodes go to
         for name, states in (("recent", self.recent), ("exact", self.exact), ("old", self.old)):
             if states is None or _length(states) == 0:
                 continue

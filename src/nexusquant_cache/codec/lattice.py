@@ -67,7 +67,8 @@ def _half_keys(points: Tensor) -> Tensor:
     every sum stays below 2^24)."""
     weights = torch.zeros(8, 2, device=points.device)
     weights[:4, 0] = weights[4:, 1] = 2 * 13.0 ** torch.arange(4, device=points.device)
-    return torch.addmm(weights.new_full((1, 2), 6.0 * (13**4 - 1) / 12), points, weights).long()
+    digit_offset = 6.0 * sum(13**i for i in range(4))  # the + 6 of every digit
+    return torch.addmm(weights.new_full((1, 2), digit_offset), points, weights).long()
 
 
 @cached_table(1)
