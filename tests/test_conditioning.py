@@ -188,6 +188,16 @@ def test_a_rope_of_other_channel_pairs_is_not_used(name):
     assert stream.conditioning is not None and stream.conditioning.rope is None
 
 
+def test_rope_is_found_in_other_decoder_layouts():
+    # GPT-NeoX names its attention `attention` (and rotates a quarter of each head here), Falcon
+    # `self_attention` under `h`: their RoPE passes the probe, so it is used.
+    torch.manual_seed(0)
+    neox = tiny("GPTNeoX", rotary_pct=0.25)
+    falcon = tiny("Falcon", new_decoder_architecture=True, num_kv_heads=KV_HEADS)
+    assert [2 * len(rope.inv_freq) for rope in rotary_embeddings(neox)] == [HEAD_DIM // 4] * 4
+    assert [2 * len(rope.inv_freq) for rope in rotary_embeddings(falcon)] == [HEAD_DIM] * 4
+
+
 def test_layers_without_rope_and_dynamic_rope_get_none():
     torch.manual_seed(0)
     ropes = rotary_embeddings(tiny("SmolLM3", no_rope_layers=[1, 1, 1, 0], pad_token_id=0))  # 0: applies no RoPE

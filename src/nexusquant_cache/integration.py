@@ -91,7 +91,9 @@ def rotary_embeddings(model: PreTrainedModel) -> list:
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # not a vision tower's
     module = next((m for name, m in decoder.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"), None)
-    attentions = [getattr(layer, "self_attn", None) for layer in getattr(decoder, "layers", [])]
+    layer_modules = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or []
+    names = ("self_attn", "attention", "self_attention")  # Llama and most; GPT-NeoX; Falcon
+    attentions = [next((getattr(m, n) for n in names if hasattr(m, n)), None) for m in layer_modules]
     if module is None or len(attentions) != layers or any(attention is None for attention in attentions):
         return [None] * layers
     apply = getattr(sys.modules.get(type(attentions[0]).__module__), "apply_rotary_pos_emb", None)
