@@ -136,10 +136,11 @@ def _checked_rope(module, layer_type: str, apply, head_dim: int):
             # StableLM), so the probe is as wide as cos: all of it rotates.
             probe = probe[..., : cos.shape[-1]]
             rotated = apply(probe, probe, cos, sin)[1].float()
-    except Exception:  # a signature of its own (multimodal RoPE, ...): not a RoPE we know
+            expected = rope.apply(probe, positions[None]).to(rotated.device)
+            same = rotated.shape == expected.shape and torch.allclose(rotated, expected, atol=1e-4, rtol=1e-4)
+    except Exception:  # a signature of its own (multimodal RoPE, ...), weights not on a device: not a RoPE we know
         return None
-    expected = rope.apply(probe, positions[None]).to(rotated.device)
-    return rope if rotated.shape == expected.shape and torch.allclose(rotated, expected, atol=1e-4, rtol=1e-4) else None
+    return rope if same else None
 
 
 # id(model) -> [weak reference to the model, its previous attention implementation, users, id(model)]
