@@ -11,8 +11,6 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    StableLmConfig,
-    StableLmForCausalLM,
 )
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode, io
@@ -39,19 +37,26 @@ def tiny_llama(rope_parameters=None, attention_bias=False, layers=3):
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_stablelm():
-    """Partial rotary (half of each head's channels), rotate_half convention, no k-norm."""
-    config = StableLmConfig(
+def tiny(name: str, layers: int = 4, **extra):
+    """A tiny random ``{name}ForCausalLM`` of transformers with this file's head layout."""
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")(
         vocab_size=97,
         hidden_size=HEADS * HEAD_DIM,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
         max_position_embeddings=512,
-        partial_rotary_factor=0.5,
+        **extra,
     )
-    return StableLmForCausalLM(config).eval()
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+def tiny_stablelm():
+    """Partial rotary (half of each head's channels), rotate_half convention, no k-norm."""
+    return tiny("StableLm", layers=2, partial_rotary_factor=0.5)
 
 
 def tiny_gemma3():
@@ -155,22 +160,6 @@ def test_rope_matches_the_models_rotary_embedding(case):
         # The cache's layers carry the same rotary embedding.
         layer_rope = exact.layers[i].rope
         assert torch.equal(layer_rope.inv_freq, rope.inv_freq) and layer_rope.scaling == rope.scaling
-
-
-def tiny(name: str, **extra):
-    import transformers
-
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=97,
-        hidden_size=HEADS * HEAD_DIM,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=512,
-        **extra,
-    )
-    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
 
 
 @pytest.mark.parametrize("name", ["Cohere", "Helium"])
