@@ -6,7 +6,8 @@ Three parts, each printing one JSON line per configuration and then markdown tab
    beside the Shannon bound 2^(-2R), at R = code bits and at R = total bits (codes + scale).
 2. SmolLM2-135M: every layer's cached keys (post-RoPE) and values on Jane Austen windows, as
    head_dim = 64 vectors; relative MSE, e8 / scalar ratio at equal bytes, and the worst layer.
-3. Throughput at d = 128: encode and decode vectors/s, with rotate() and clone() as floors.
+3. Throughput at d = 128: encode, decode and decode_units (the rotated-domain lookup attention
+   reads) vectors/s, with rotate() and clone() as floors.
 
 Run from the repository root:
 
@@ -33,7 +34,7 @@ import torch
 from _austen import TEXT_DIR, austen_windows
 from torch import Tensor
 
-from nexusquant_cache.codec import decode, encode, rotate
+from nexusquant_cache.codec import decode, decode_units, encode, rotate
 
 METHODS = ("e8", "scalar")
 BITS = (2, 3, 4)
@@ -166,6 +167,8 @@ def throughput_part(n: int, dim: int, repeats: int, seed: int) -> list[dict]:
             encoded = encode(x, bits, method, seed)
             cases.append(("encode", method, bits, lambda m=method, b=bits: encode(x, b, m, seed)))
             cases.append(("decode", method, bits, lambda e=encoded: decode(e)))
+            # What rotated-domain attention reads: codeword units in float32, no inverse rotation.
+            cases.append(("decode_units", method, bits, lambda e=encoded: decode_units(e)))
     records = []
     for op, method, bits, fn in cases:
         seconds = best_time(fn, repeats)

@@ -15,8 +15,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from . import io
+from .attention import Scratch
 from .config import NexusQuantConfig
-from .integration import ATTENTION_NAME, capture_queries, rotary_embeddings
+from .integration import ATTENTION_NAME, AttentionRoute, capture_queries, rotary_embeddings
 from .io import CacheFileError, PromptMismatchError
 from .layer import ATTENTION_SCORERS, NexusQuantLayer
 
@@ -94,11 +95,12 @@ class NexusQuantCache(Cache):
         else:
             ropes = rotary_embeddings(model) if model is not None else None
             super().__init__(layers=_layers_for(model_config, config, scorer, ropes))
-        # Queries also serve every layer's first key encode (conditioning and guard, layer.py), where
-        # the model runs SDPA already: capture runs SDPA, and must not switch an eager model to it.
-        keys_quantized = any(layer.key_stream.bits < 16 for layer in self.layers)
+        # Where the model runs SDPA already, capture also serves every layer's first key encode
+        # (conditioning and guard, layer.py) and lets decode steps attend to the codes as they are
+        # (attention.py); its prefill runs SDPA, and it must not switch an eager model to it.
+        quantized = any(stream.bits < 16 for layer in self.layers for stream in (layer.key_stream, layer.value_stream))
         on_sdpa = model is not None and model.config._attn_implementation in ("sdpa", ATTENTION_NAME)
-        if model is not None and (wants_queries or keys_quantized and on_sdpa):
+        if model is not None and (wants_queries or quantized and on_sdpa):
             release = capture_queries(model)
             if release is None and wants_queries:
                 warnings.warn(
@@ -112,8 +114,9 @@ class NexusQuantCache(Cache):
             elif release is not None:
                 weakref.finalize(self, release)
                 self._query_source = weakref.ref(model)
+                route, scratch = AttentionRoute(model), Scratch()
                 for layer in self.layers:
-                    layer.sees_queries = True
+                    layer.sees_queries, layer.route, layer.scratch = True, route, scratch
         self.scorer = scorer
 
     _query_source = None  # a weak reference to the model whose queries this cache captures
@@ -153,7 +156,7 @@ class NexusQuantCache(Cache):
             warnings.warn(f"NexusQuantCache: {why}, so scorer {self.scorer!r} falls back to 'keynorm'", stacklevel=3)
             self.scorer = "keynorm"
         for layer in self.layers:
-            layer.sees_queries = False
+            layer.sees_queries, layer.route = False, None
             if layer.scorer in ATTENTION_SCORERS:
                 layer.score_by_key_norm()
 

@@ -45,6 +45,11 @@ def guard_limit(bits: int, method: str = "e8") -> float:
     return GUARD_FACTOR * error.item()
 
 
+# Rope.trig's tables by (frequencies, scaling, device); a handful at most (one per RoPE kind in use).
+_TRIG_TABLES: dict[tuple, Tensor] = {}
+_TRIG_KEPT = 8
+
+
 @dataclass(frozen=True, eq=False)
 class Rope:
     """A layer's rotary embedding, transformers' convention: the first ``2 * len(inv_freq)``
@@ -74,6 +79,31 @@ class Rope:
         x = x.expand(*torch.broadcast_shapes(x.shape[:-1], angles.shape[:-1]), x.shape[-1])
         first, second, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
         return torch.cat([first * cos - second * sin, second * cos + first * sin, rest], -1)
+
+    def trig(self, count: int, device: torch.device) -> Tensor:
+        """[>= count, 2 * half] float32: ``scaling * cos(p inv_freq), scaling * sin(p inv_freq)`` at
+        positions p = 0, 1, ...: one table per frequencies and device, shared by every layer and
+        cache that turns by them, grown by doubling (so a step computes no cos or sin)."""
+        key = (self._key, torch.device(device))
+        table = _TRIG_TABLES.get(key)
+        if table is None or table.shape[0] < count:
+            size = max(count, 2 * (0 if table is None else table.shape[0]), 1024)
+            with torch.inference_mode(False):  # shared: usable inside and outside inference mode
+                angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
+                table = torch.cat([angles.cos() * self.scaling, angles.sin() * self.scaling], -1)
+            if len(_TRIG_TABLES) >= _TRIG_KEPT and key not in _TRIG_TABLES:
+                del _TRIG_TABLES[next(iter(_TRIG_TABLES))]
+            _TRIG_TABLES[key] = table
+        return table
+
+    def trig_at(self, positions: Tensor) -> Tensor:
+        """The rows of :meth:`trig` for ``positions`` [...]: [..., 2 * half] float32, computed."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        return torch.cat([angles.cos() * self.scaling, angles.sin() * self.scaling], -1)
+
+    @functools.cached_property
+    def _key(self) -> tuple:
+        return self.inv_freq.cpu().numpy().tobytes(), self.scaling
 
     def add_rotated(self, out: Tensor, x: Tensor, positions: Tensor) -> Tensor:
         """``out += R(p) x`` in place, for ``out`` [B, H, T, d] float32, ``x`` [B, H, 1, d] and

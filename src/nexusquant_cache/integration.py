@@ -3,9 +3,11 @@
 - Query capture: attention-aware scorers need each layer's real (post-RoPE) queries, which a
   cache never sees. We register an attention function, ``"nexusquant"``, that hands the query
   to the layer whose ``update`` just ran (matched by the identity of the key tensor it returned)
-  and then runs transformers' own SDPA attention, so outputs are SDPA's. A model uses it only
-  while a cache or a ``nexusquant_evict`` block needs it; its previous attention
-  implementation is restored afterwards.
+  and then runs transformers' own SDPA attention. For a decode step, ``update`` returned only
+  the full-precision window (it checked :class:`AttentionRoute` first), and the function lets
+  the layer attend to its old tokens as codes (``NexusQuantLayer.attend``, attention.py)
+  instead. A model uses the function only while a cache or a ``nexusquant_evict`` block needs
+  it; its previous attention implementation is restored afterwards.
 - ``nexusquant_evict(model, ...)``: a context manager that makes ``model.generate`` use a
   NexusQuantCache, restored exactly on exit, also on exceptions.
 - ``cache_implementation="nexusquant"``: transformers has no cache registry, so
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentionRoute",
     "CACHE_IMPLEMENTATION",
     "accept_cache_implementation",
     "build_cache_for_its_name",
@@ -65,8 +68,15 @@ def _register_attention() -> None:
         pending = PENDING_LAYER.get()
         if pending is not None and pending[1] is key:
             PENDING_LAYER.set(None)
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            pending[0].observe(query, key, attention_mask, scaling)
+            layer, scaling = pending[0], kwargs.get("scaling") or query.shape[-1] ** -0.5
+            if layer.handed_window(key):  # a decode step: the old tokens are read as codes
+                unsupported = [name for name in ("softcap", "position_bias", "s_aux") if kwargs.get(name) is not None]
+                if unsupported:
+                    raise NotImplementedError(f"NexusQuantCache's attention does not support {unsupported}")
+                causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+                dropout = kwargs.get("dropout", 0.0)
+                return layer.attend(query, key, value, attention_mask, scaling, dropout=dropout, causal=causal), None
+            layer.observe(query, key, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_NAME, attention)
@@ -141,6 +151,29 @@ def _checked_rope(module, layer_type: str, apply, head_dim: int):
     except Exception:  # a signature of its own (multimodal RoPE, ...), weights not on a device: not a RoPE we know
         return None
     return rope if same else None
+
+
+class AttentionRoute:
+    """Whether ``model``'s attention runs through the query-capturing function right now (its
+    config says so: every attention module reads it at each forward). Holds the model weakly; a
+    deep copy shares it, an unpickled cache has none (its layers get None)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self._model = weakref.ref(model)
+
+    def __call__(self) -> bool:
+        model = self._model()
+        return model is not None and model.config._attn_implementation == ATTENTION_NAME
+
+    def __deepcopy__(self, memo: dict) -> "AttentionRoute":
+        return self
+
+    def __reduce__(self):
+        return _no_route, ()
+
+
+def _no_route() -> None:
+    return None
 
 
 # id(model) -> [weak reference to the model, its previous attention implementation, users, id(model)]

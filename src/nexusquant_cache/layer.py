@@ -9,6 +9,10 @@ budget, and the survivors are encoded. So the current forward never sees its own
 quantized or dropped, attention-based scores from this forward are in before eviction, and a
 token is encoded at most once (evicted tokens never are).
 
+Decode steps (at most ``ROTATED_QUERIES`` tokens) of a model whose attention runs through ours
+skip the decoding: ``update`` returns only the window's states, and the attention function calls
+``attend``, which reads the old tokens' codes in the codec's rotated domain (attention.py).
+
 Counts the contract relies on: ``get_seq_length()`` is tokens *seen*; ``get_mask_sizes(q)`` is
 ``(stored + q, seen - stored)``; every layer and every KV head stores the same number of tokens.
 """
@@ -26,11 +30,12 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
+from .attention import Codes, Scratch, StoredKeys, attend, codes_of
 from .codec import SUPPORTED_DTYPES, Encoded, decode, encode
 from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
 from .policy import PAD, evicted, merge_targets, select_kept
-from .scoring import attention_scores, key_norm_scores
+from .scoring import attention_scores, key_norm_scores, weight_scores
 
 __all__ = ["KVStream", "NexusQuantLayer", "PENDING_LAYER"]
 
@@ -39,6 +44,10 @@ __all__ = ["KVStream", "NexusQuantLayer", "PENDING_LAYER"]
 PENDING_LAYER: ContextVar[tuple["NexusQuantLayer", Tensor] | None] = ContextVar("nexusquant_pending", default=None)
 
 ATTENTION_SCORERS = ("snapkv", "h2o")
+# Forwards of at most this many tokens (decode steps) attend in the rotated domain when the
+# model's attention runs through ours; longer ones (prefill chunks) decode the old tokens and
+# run SDPA, whose memory does not grow with queries x tokens.
+ROTATED_QUERIES = 16
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 SNAPKV_POOL = 7
 
@@ -95,8 +104,9 @@ class KVStream:
     def length(self) -> int:
         return self.old_length + (0 if self.recent is None else self.recent.shape[-2])
 
-    def append(self, states: Tensor) -> Tensor:
-        """Add ``states`` [B, H, q, d]; return every stored state, the new ones last (exact)."""
+    def append(self, states: Tensor, with_old: bool = True) -> Tensor:
+        """Add ``states`` [B, H, q, d]; return every stored state, the new ones last (exact), or
+        only the window's (``with_old`` false: attention reads the old tokens as codes)."""
         self.dtype = states.dtype
         held = self.recent
         quantized = self.bits < 16 or self.guarded  # a guarded side keeps the float16 window it had
@@ -109,9 +119,26 @@ class KVStream:
             stored = stored.clone()  # a view of a larger buffer (GPT-2's fused qkv) would keep it all alive
         self.recent = stored if held is None else torch.cat([held, stored], dim=-2)
         recent = states if held is None else torch.cat([held.to(states.dtype), states], dim=-2)
-        if self.old is None:
+        if self.old is None or not with_old:
             return recent
         return torch.cat([self.old_states(), recent], dim=-2)
+
+    def old_for_attention(self, scratch: Scratch, name: str) -> Codes | Tensor:
+        """The old tokens as rotated-domain attention reads them: codes read into ``scratch``, or
+        states in the model's dtype (16 bits, or kept exact by the guard)."""
+        if isinstance(self.old, Encoded):
+            return codes_of(self.old, self.dtype, scratch, name)
+        return self.old.to(self.dtype)
+
+    def stored_keys(self, scratch: Scratch) -> StoredKeys:
+        """The old keys with what undoes their conditioning, for rotated-domain attention."""
+        old = self.old_for_attention(scratch, "keys")
+        if not isinstance(old, Codes):
+            return StoredKeys(old)
+        conditioning = self.conditioning
+        positions = self._old_positions() if conditioning is not None and conditioning.rope is not None else None
+        held = self.exact is not None and self._all_sinks_held()
+        return StoredKeys(old, conditioning, positions, self.exact, self.exact_index, held)
 
     def old_states(self) -> Tensor:
         """The old tokens [B, H, T_old, d] as attention sees them, in the model's dtype."""
@@ -643,6 +670,10 @@ class NexusQuantLayer(CacheLayerMixin):
         self.index = index  # the layer's place in the model, when known (for messages)
         self.rope = rope  # the model's rotary embedding for this layer, when known
         self.sees_queries = False  # set by the cache when the model hands queries to observe()
+        # Set by the cache with the query capture: whether the model's attention runs through
+        # ours right now (then decode steps attend in the rotated domain), and their buffers.
+        self.route: Callable[[], bool] | None = None
+        self.scratch: Scratch | None = None
         self.scorer = scorer or config.scorer
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -671,6 +702,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self._shift_pending = False  # some row has shown only padding so far
         self.seen = 0
         self._unsettled = False
+        self._handed = None  # the window keys update handed out for attend, until it runs
         self.is_initialized = False
 
     def _stored_positions(self) -> Tensor:
@@ -699,12 +731,38 @@ class NexusQuantLayer(CacheLayerMixin):
             self.shift = _shift(self.shift, key_states, self.seen, kwargs)
             self._shift_pending = bool((self.shift == UNKNOWN_SHIFT).any())
         self.seen += key_states.shape[-2]
-        keys, values = self.key_stream.append(key_states), self.value_stream.append(value_states)
+        # While our attention function runs (``route``), a short forward gets only the window's
+        # states: the function hands the queries to ``attend``, which reads the old tokens as codes.
+        rotated = key_states.shape[-2] <= ROTATED_QUERIES and self.key_stream.old_length > 0
+        rotated = rotated and self.route is not None and self.route()
+        keys = self.key_stream.append(key_states, with_old=not rotated)
+        values = self.value_stream.append(value_states, with_old=not rotated)
         self._unsettled = True
+        self._handed = keys if rotated else None
         scoring = self.evicts and self.scorer in ATTENTION_SCORERS
-        if scoring or (self.sees_queries and self.key_stream.wants_queries):
+        if rotated or scoring or (self.sees_queries and self.key_stream.wants_queries):
             PENDING_LAYER.set((self, keys))  # the attention function takes it right away
         return keys, values
+
+    def handed_window(self, keys: Tensor) -> bool:
+        """Whether ``keys`` are the window alone that ``update`` handed out for :meth:`attend`."""
+        return self._handed is keys
+
+    def attend(
+        self, query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None, scaling: float, **options
+    ) -> Tensor:
+        """Attention of ``query`` [B, Hq, q, d] over every stored token, the old ones read as
+        codes in the rotated domain (attention.py), given the window's ``keys`` and ``values``
+        that :meth:`update` returned; feeds the eviction scores as ``observe`` does. Returns
+        [B, q, Hq, d]. ``options``: ``dropout``, ``causal`` (used when the mask is None)."""
+        self._handed = None
+        if self.scratch is None:
+            self.scratch = Scratch()
+        stored_keys = self.key_stream.stored_keys(self.scratch)
+        old_values = self.value_stream.old_for_attention(self.scratch, "values")
+        out, weights = attend(query, stored_keys, old_values, keys, values, attention_mask, scaling, **options)
+        self.observe(query, None, attention_mask, scaling, weights)
+        return out
 
     def _record(self, key_states: Tensor, kwargs: dict) -> None:
         batch, heads, length, _ = key_states.shape
@@ -743,9 +801,11 @@ class NexusQuantLayer(CacheLayerMixin):
             parts += [stream.recent.float()] if stream.recent is not None else []
             self.scores = key_norm_scores(torch.cat(parts, -2)).half()
 
-    def observe(self, query: Tensor, keys: Tensor, attention_mask: Tensor | None, scaling: float) -> None:
+    def observe(
+        self, query: Tensor, keys: Tensor | None, attention_mask: Tensor | None, scaling: float, weights=None
+    ) -> None:
         """Add the attention this forward's queries [B, Hq, q, d] paid to ``keys`` [B, Hkv, S, d],
-        the states ``update`` returned."""
+        the states ``update`` returned, or the attention ``weights`` [B, Hkv, g, q, S] already computed."""
         stream = self.key_stream
         if stream.wants_queries:  # the latest queries, for the first encode's conditioning and guard
             latest = query if stream.queries is None else torch.cat([stream.queries, query], -2)
@@ -758,9 +818,13 @@ class NexusQuantLayer(CacheLayerMixin):
             # tokens that arrived late are not outvoted by the sheer age of older ones.
             window = self.config.observation_window
             self.scores.mul_((1 - 1 / window) ** length)
-            self.scores += attention_scores(query, keys, attention_mask, scaling, window, SNAPKV_POOL)
         else:
-            self.scores += attention_scores(query, keys, attention_mask, scaling, length, 1)
+            window = length
+        pool = SNAPKV_POOL if self.scorer == "snapkv" else 1
+        if weights is not None:
+            self.scores += weight_scores(weights, window, pool)
+        else:
+            self.scores += attention_scores(query, keys, attention_mask, scaling, window, pool)
 
     def settle(self) -> None:
         """Retire tokens that left the window: evict down to the budget, encode the survivors."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention_scores", "key_norm_scores"]
+__all__ = ["attention_scores", "key_norm_scores", "weight_scores"]
 
 _QUERY_CHUNK = 256  # bounds the [B, H, chunk, S] attention matrix held at once
 
@@ -49,6 +49,15 @@ def attention_scores(
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
         weights = torch.nan_to_num(logits.softmax(-1))  # a fully masked query row votes for nothing
         scores += weights.mean(2).sum(2)
+    return _pooled(scores, pool)
+
+
+def weight_scores(weights: Tensor, window: int, pool: int) -> Tensor:
+    """As :func:`attention_scores`, from the attention weights [B, Hkv, g, q, S] a forward computed."""
+    return _pooled(weights[..., -window:, :].mean(2).sum(2), pool)
+
+
+def _pooled(scores: Tensor, pool: int) -> Tensor:
     if pool > 1:
         scores = F.max_pool1d(scores.flatten(0, 1)[:, None], pool, stride=1, padding=pool // 2).view_as(scores)
     return scores

@@ -12,6 +12,7 @@ _HOMES = {
     "SUPPORTED_DTYPES": "encoding",
     "Encoded": "encoding",
     "decode": "encoding",
+    "decode_units": "encoding",
     "encode": "encoding",
     "OrbitCodebook": "lattice",
     "ball_codebook": "lattice",

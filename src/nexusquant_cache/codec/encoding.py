@@ -9,6 +9,7 @@ its 8-bit mantissa costs under 1e-5 in relative error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .packing import pack_words, unpack_words
 from .quantizers import quantizer
 from .rotation import rotate, unrotate
 
-__all__ = ["Method", "Encoded", "encode", "decode", "SUPPORTED_BITS", "SUPPORTED_DTYPES"]
+__all__ = ["Method", "Encoded", "encode", "decode", "decode_units", "SUPPORTED_BITS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCALE_DTYPE = torch.bfloat16
@@ -156,16 +157,35 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
     return Encoded(codes.view(*x.shape[:-1], -1), scales.view(x.shape[:-1]), bits, Method(method), seed, x.dtype)
 
 
+def decode_units(encoded: Encoded, dtype: torch.dtype = torch.float32, out: Tensor | None = None):
+    """The reconstruction in the rotated domain, before the inverse rotation, as
+    ``factor[..., None] * (units - bias)``: returns ``(units, factor, bias)``.
+
+    ``units`` [..., d] holds small integers at 2 and 4 bits (exact in any floating ``dtype``;
+    multiples of 0.28 added at 3 bits; written into ``out`` when given, a contiguous tensor of
+    that shape), ``factor`` [...] float32 is each
+    vector's scale times the codebook's unit, ``bias`` a float. So ``decode(e) ==
+    unrotate(factor[..., None] * (units - bias))``, and attention can use the codes as they are:
+    ``q . R^T y = (R q) . y`` for the query, one ``factor`` per token on the logits, and the
+    bias as one correction per query.
+    """
+    q = quantizer(encoded.method.value, encoded.bits)
+    codes = encoded.codes.reshape(-1, encoded.codes.shape[-1]).contiguous()
+    if out is None:
+        out = torch.empty(encoded.shape, dtype=dtype, device=codes.device)
+    unit, bias = q.units(codes, out.view(codes.shape[0], -1))
+    return out, encoded.scales.float() * unit, bias
+
+
 def decode(encoded: Encoded) -> Tensor:
     """The reconstruction of :func:`encode`'s input, in its dtype and shape."""
-    q = quantizer(encoded.method.value, encoded.bits)
     codes = encoded.codes.reshape(-1, encoded.codes.shape[-1])
     scales = encoded.scales.reshape(-1)
     parts = []
     for start in range(0, codes.shape[0], _CHUNK):
-        words = unpack_words(codes[start : start + _CHUNK], encoded.bits)
-        points = q.dequantize(words.reshape(-1)).view(words.shape[0], -1)
-        values = unrotate(points.mul_(scales[start : start + _CHUNK, None]), encoded.seed)
+        chunk = dataclasses.replace(encoded, codes=codes[start : start + _CHUNK], scales=scales[start : start + _CHUNK])
+        units, factor, bias = decode_units(chunk)
+        values = unrotate(units.sub_(bias).mul_(factor[:, None]), encoded.seed)
         if encoded.dtype == torch.float16:  # rounding may overshoot float16's maximum
             values.clamp_(-torch.finfo(torch.float16).max, torch.finfo(torch.float16).max)
         parts.append(values.to(encoded.dtype))

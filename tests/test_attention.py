@@ -1,0 +1,197 @@
+"""Rotated-domain attention (attention.py): decode steps that read the codes as they are must give
+the logits of the reference path (decode every old token, un-rotate, SDPA), on every layout."""
+
+import pytest
+import torch
+
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, attention
+from nexusquant_cache import layer as layer_module
+from nexusquant_cache.attention import Scratch
+from nexusquant_cache.codec import decode, decode_units, encode, unrotate
+from nexusquant_cache.codec.packing import unpack_words
+from nexusquant_cache.codec.quantizers import quantizer
+
+from .test_conditioning import tiny, tiny_gemma3, tiny_llama
+from .tiny_models import tiny_gpt2
+
+
+def reference_decode(encoded, dtype=None):
+    """The codec's decode as it was before decode_units: float codewords, scale, un-rotate."""
+    q = quantizer(encoded.method.value, encoded.bits)
+    codes = encoded.codes.reshape(-1, encoded.codes.shape[-1])
+    words = unpack_words(codes, encoded.bits)
+    points = q.dequantize(words.reshape(-1)).view(words.shape[0], -1)
+    values = unrotate(points * encoded.scales.reshape(-1, 1).float(), encoded.seed)
+    return values.to(dtype or encoded.dtype).view(encoded.shape)
+
+
+@pytest.mark.parametrize("method", ["e8", "scalar"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_units_is_the_rotated_reconstruction(method, bits, dtype):
+    x = (torch.randn(3, 2, 37, 64) * torch.rand(3, 2, 37, 1) * 20).to(dtype)
+    encoded = encode(x, bits, method, seed=5)
+    assert torch.equal(decode(encoded), reference_decode(encoded))  # decode now goes through decode_units
+    units, factor, bias = decode_units(encoded, dtype)
+    assert units.dtype == dtype and factor.shape == encoded.scales.shape
+    exact = method == "e8" and bits != 3  # small integers in every dtype (3 bits: 2 c1 + 0.28 * 2 c2)
+    if exact:
+        assert torch.equal(units, units.round()) and units.abs().max() < 128
+    rotated = (units.float() - bias) * factor[..., None]
+    expected = reference_decode(encoded, torch.float32)
+    error = (unrotate(rotated, 5) - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert error.max() < (1e-6 if exact or dtype == torch.float32 else 2 * torch.finfo(dtype).eps)
+
+
+def qwen2():
+    return tiny("Qwen2", layers=2)  # biased key projections
+
+
+def biased_llama():
+    return tiny_llama(attention_bias=True)
+
+
+MODELS = {"llama": biased_llama, "qwen2": qwen2, "gemma3": tiny_gemma3, "gpt2": lambda: tiny_gpt2().eval()}
+SMALL = dict(recent_window=8, block_size=8)
+CONFIGS = {
+    "K4V4": NexusQuantConfig(**SMALL),
+    "K3V2": NexusQuantConfig(key_bits=3, value_bits=2, **SMALL),
+    "K16V4": NexusQuantConfig(key_bits=16, **SMALL),
+    "scalar": NexusQuantConfig(method="scalar", **SMALL),
+    "no-conditioning": NexusQuantConfig(center_keys=False, **SMALL),
+    "snapkv": NexusQuantConfig(keep_ratio=0.5, sink_tokens=2, **SMALL),
+    "h2o": NexusQuantConfig(keep_ratio=0.5, scorer="h2o", value_bits=2, **SMALL),
+}
+
+
+def decode_both(model, config, ids, mask, steps=6, beams=False):
+    """Logits of a prefill and ``steps`` single-token forwards through a cache that attends to
+    codes (rotated domain) and one forced onto the reference path, and the two caches."""
+    torch.manual_seed(0)
+    fast, reference = NexusQuantCache(config, model=model), NexusQuantCache(config, model=model)
+    for layer in reference.layers:
+        layer.route = None  # update returns every state decoded; SDPA attends to them
+    tokens = torch.randint(
+        3, 97, (ids.shape[0] * (2 if beams else 1), steps), generator=torch.Generator().manual_seed(3)
+    )
+    logits = {"fast": [], "reference": []}
+    with torch.no_grad():
+        for name, cache in (("fast", fast), ("reference", reference)):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(ids, attention_mask=mask, position_ids=positions, cache=cache)
+            step_mask, last = mask, positions[:, -1:]
+            if beams:
+                cache.batch_repeat_interleave(2)
+                step_mask, last = step_mask.repeat_interleave(2, 0), last.repeat_interleave(2, 0)
+            for step in range(steps):
+                if beams and step % 2:
+                    order = torch.arange(step_mask.shape[0]).view(-1, 2).flip(-1).reshape(-1)
+                    cache.reorder_cache(order)
+                step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], -1)
+                out = model(
+                    tokens[:, step : step + 1], attention_mask=step_mask, position_ids=last + 1 + step, cache=cache
+                )
+                logits[name].append(out.logits.float())
+    return logits, fast, reference
+
+
+def check_equal(logits):
+    for step, (fast, reference) in enumerate(zip(logits["fast"], logits["reference"])):
+        error = (fast - reference).abs().max() / reference.abs().max()
+        assert error < 1e-4, f"decode step {step}: relative logit error {error:.2e}"
+
+
+@pytest.fixture
+def rotated_calls(monkeypatch):
+    """How many layer forwards attended in the rotated domain."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return attention.attend(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "attend", counted)
+    return calls
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_rotated_attention_equals_the_reference_path(model_name, config, rotated_calls):
+    model = MODELS[model_name]()
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    logits, fast, reference = decode_both(model, CONFIGS[config], ids, mask)
+    check_equal(logits)
+    assert len(rotated_calls) == 6 * len(fast.layers)  # every decode step of every layer, only the fast cache's
+    assert fast.stats()["bytes"] == reference.stats()["bytes"]
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gemma3"])
+def test_rotated_attention_follows_beams(model_name, rotated_calls):
+    model = MODELS[model_name]()
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(2))
+    logits, fast, _ = decode_both(model, CONFIGS["snapkv"], ids, torch.ones_like(ids), beams=True)
+    check_equal(logits)
+    assert len(rotated_calls) == 6 * len(fast.layers)
+
+
+def test_generate_uses_the_rotated_path_and_matches_the_reference():
+    model = biased_llama()
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
+    config = NexusQuantConfig(**SMALL)
+    fast = NexusQuantCache(config, model=model)
+    calls = []
+    original = type(fast.layers[0]).attend
+    for layer in fast.layers:
+        layer.attend = lambda *args, _layer=layer, **kwargs: calls.append(1) or original(_layer, *args, **kwargs)
+    reference = NexusQuantCache(config, model=model)
+    for layer in reference.layers:
+        layer.route = None
+    runs = [
+        model.generate(
+            ids, max_new_tokens=8, do_sample=False, cache=cache, output_logits=True, return_dict_in_generate=True
+        )
+        for cache in (fast, reference)
+    ]
+    assert len(calls) == 7 * len(model.model.layers)  # every step after the first token
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_switched_off_our_attention_gets_every_state():
+    model = biased_llama()
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
+    cache = NexusQuantCache(NexusQuantConfig(**SMALL), model=model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model.set_attn_implementation("sdpa")
+        try:
+            keys, _ = cache.layers[0].update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+        finally:
+            model.set_attn_implementation("nexusquant")
+    assert keys.shape[-2] == 31  # not the window alone
+
+
+def test_scratch_grows_by_pages_and_is_reused():
+    scratch = Scratch()
+    first = scratch.take("keys", (2, 3, 100, 8), torch.float32, torch.device("cpu"))
+    again = scratch.take("keys", (2, 3, 50, 8), torch.float32, torch.device("cpu"))
+    assert first.data_ptr() == again.data_ptr()
+    larger = scratch.take("keys", (2, 3, 20000, 8), torch.float32, torch.device("cpu"))
+    assert (
+        larger.numel() == 2 * 3 * 20000 * 8
+        and scratch._buffers[("keys", torch.float32, torch.device("cpu"))].numel() % Scratch.PAGE == 0
+    )
+
+
+@pytest.mark.parametrize("config", ["K4V4", "snapkv"])
+def test_offsets_at_positions_beyond_the_table(config, monkeypatch):
+    """Positions too sparse or too far for the shared cos/sin table are turned on the spot."""
+    monkeypatch.setattr(attention, "_TABLE_POSITIONS", 1)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    logits, _, _ = decode_both(biased_llama(), CONFIGS[config], ids, mask)
+    check_equal(logits)
