@@ -28,7 +28,7 @@ from .conditioning import KeyConditioning
 
 __all__ = ["Codes", "Scratch", "StoredKeys", "attend", "codes_of"]
 
-_TABLE_POSITIONS = 1 << 16  # Rope.trig tables stay below 64k positions (16 MB at head_dim 64)
+_TABLE_POSITIONS = 1 << 16  # Rope.trig tables are asked for at most 64k positions (16 MB at head_dim 64)
 
 
 class Scratch:
@@ -50,7 +50,8 @@ class Scratch:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < count:
             pages = -(-count // self.PAGE)
-            buffer = self._buffers[key] = torch.empty(pages * self.PAGE, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # written inside and outside inference mode alike
+                buffer = self._buffers[key] = torch.empty(pages * self.PAGE, dtype=dtype, device=device)
         return buffer[:count].view(shape)
 
     def __deepcopy__(self, memo: dict) -> "Scratch":
@@ -63,7 +64,7 @@ class Scratch:
 @dataclass
 class Codes:
     """Old tokens as the codec holds them: ``factor[..., None] * (units - bias)`` is the rotated
-    vector (rotation ``seed``); units [B, H, T, d] in the model's dtype, factor [B, H, T] float32."""
+    vector (rotation ``seed``); units [B, H, T, d] and factor [B, H, T] float32."""
 
     units: Tensor
     factor: Tensor
@@ -71,10 +72,13 @@ class Codes:
     seed: int
 
 
-def codes_of(old: Encoded, dtype: torch.dtype, scratch: Scratch, name: str) -> Codes:
-    """Read ``old`` into ``scratch`` buffer ``name`` for one step's attention."""
-    out = scratch.take(name, tuple(old.shape), dtype, old.codes.device)
-    units, factor, bias = decode_units(old, dtype, out)
+def codes_of(old: Encoded, scratch: Scratch, name: str) -> Codes:
+    """Read ``old`` into ``scratch`` buffer ``name`` for one step's attention.
+    The units are float32 whatever the model's dtype: at 4 bits they are biased integers up to 70,
+    whose products with the query float16 or bfloat16 would round (or overflow) far more than
+    the keys themselves do."""
+    out = scratch.take(name, tuple(old.shape), torch.float32, old.codes.device)
+    units, factor, bias = decode_units(old, torch.float32, out)
     return Codes(units, factor, bias, old.seed)
 
 
@@ -180,9 +184,9 @@ def _offset_logits(query: Tensor, conditioning: KeyConditioning, positions: Tens
     first, last = int(positions[..., 0].min()), int(positions[..., -1].max())
     if positions.shape[:2] == (1, 1) and first >= 0 and last - first == count - 1 and last < _TABLE_POSITIONS:
         # Consecutive positions (ascending, all distinct): the shared table's rows as they are.
-        logits = coefficients @ rope.trig(last + 1, query.device)[first : last + 1].T
+        logits = coefficients @ rope.trig(last + 1, query.device, _TABLE_POSITIONS)[first : last + 1].T
     elif last < min(_TABLE_POSITIONS, 4 * count + 1024):  # one product with the table, then a gather
-        by_position = coefficients @ rope.trig(last + 1, query.device).T  # [B, H, Q, P]
+        by_position = coefficients @ rope.trig(last + 1, query.device, _TABLE_POSITIONS).T  # [B, H, Q, P]
         index = positions.clamp(min=0).long()  # padding's negative positions: masked anyway
         logits = by_position.gather(-1, index[..., None, :].expand(*by_position.shape[:-1], count))
     else:  # sparse or far positions: cos and sin at the positions held

@@ -80,14 +80,15 @@ class Rope:
         first, second, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
         return torch.cat([first * cos - second * sin, second * cos + first * sin, rest], -1)
 
-    def trig(self, count: int, device: torch.device) -> Tensor:
+    def trig(self, count: int, device: torch.device, most: int) -> Tensor:
         """[>= count, 2 * half] float32: ``scaling * cos(p inv_freq), scaling * sin(p inv_freq)`` at
         positions p = 0, 1, ...: one table per frequencies and device, shared by every layer and
-        cache that turns by them, grown by doubling (so a step computes no cos or sin)."""
+        cache that turns by them, grown by doubling up to ``most`` rows (``count`` <= ``most``),
+        so a step computes no cos or sin."""
         key = (self._key, torch.device(device))
         table = _TRIG_TABLES.get(key)
         if table is None or table.shape[0] < count:
-            size = max(count, 2 * (0 if table is None else table.shape[0]), 1024)
+            size = max(count, min(2 * (0 if table is None else table.shape[0]), most), min(1024, most))
             with torch.inference_mode(False):  # shared: usable inside and outside inference mode
                 angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
                 table = torch.cat([angles.cos() * self.scaling, angles.sin() * self.scaling], -1)

@@ -69,6 +69,7 @@ def _register_attention() -> None:
         if pending is not None and pending[1] is key:
             PENDING_LAYER.set(None)
             layer, scaling = pending[0], kwargs.get("scaling") or query.shape[-1] ** -0.5
+            layer.route_checked(key)
             if layer.handed_window(key):  # a decode step: the old tokens are read as codes
                 unsupported = [name for name in ("softcap", "position_bias", "s_aux") if kwargs.get(name) is not None]
                 if unsupported:
@@ -153,17 +154,34 @@ def _checked_rope(module, layer_type: str, apply, head_dim: int):
     return rope if same else None
 
 
+# The ids of the captured models whose forward is running in this thread or asyncio task.
+_RUNNING: ContextVar[tuple[int, ...]] = ContextVar("nexusquant_running", default=())
+
+
+def _entered(module, args) -> None:
+    _RUNNING.set((*_RUNNING.get(), id(module)))
+
+
+def _left(module, args, output) -> None:
+    running = _RUNNING.get()
+    if id(module) in running:
+        last = len(running) - 1 - running[::-1].index(id(module))
+        _RUNNING.set(running[:last] + running[last + 1 :])
+
+
 class AttentionRoute:
-    """Whether ``model``'s attention runs through the query-capturing function right now (its
-    config says so: every attention module reads it at each forward). Holds the model weakly; a
-    deep copy shares it, an unpickled cache has none (its layers get None)."""
+    """Whether ``model``'s attention runs through the query-capturing function right now: its
+    forward is running (a hook of the capture says so; not another instance's, nor a direct call
+    of the cache) and its config names the function (every attention module reads it at each
+    forward). Holds the model weakly; a deep copy shares it, an unpickled cache has none."""
 
     def __init__(self, model: PreTrainedModel):
-        self._model = weakref.ref(model)
+        self._model, self._id = weakref.ref(model), id(model)
 
     def __call__(self) -> bool:
         model = self._model()
-        return model is not None and model.config._attn_implementation == ATTENTION_NAME
+        running = model is not None and self._id in _RUNNING.get()
+        return running and model.config._attn_implementation == ATTENTION_NAME
 
     def __deepcopy__(self, memo: dict) -> "AttentionRoute":
         return self
@@ -176,7 +194,8 @@ def _no_route() -> None:
     return None
 
 
-# id(model) -> [weak reference to the model, its previous attention implementation, users, id(model)]
+# id(model) -> [weak reference to the model, its previous attention implementation, users, id(model),
+# its forward hooks]
 _CAPTURING: dict[int, list] = {}
 # Caches are built and collected on any thread, and a collection runs its finalizer wherever
 # the garbage collector happens to run: a release that finds the lock taken is queued, and
@@ -208,7 +227,9 @@ def capture_queries(model: PreTrainedModel) -> Callable[[], None] | None:
             model.set_attn_implementation(ATTENTION_NAME)
             if model.config._attn_implementation != ATTENTION_NAME:
                 return None
-            entry = _CAPTURING[key] = [weakref.ref(model), previous, 0, key]
+            # While the model's forward runs, its id is in _RUNNING (AttentionRoute reads it).
+            hooks = (model.register_forward_pre_hook(_entered), model.register_forward_hook(_left, always_call=True))
+            entry = _CAPTURING[key] = [weakref.ref(model), previous, 0, key, hooks]
         entry[2] += 1
     released = [False]
 
@@ -238,6 +259,8 @@ def _run_queued() -> None:
                 if entry[2] == 0:
                     if _CAPTURING.get(entry[3]) is entry:
                         del _CAPTURING[entry[3]]
+                    for hook in entry[4]:
+                        hook.remove()
                     owner = entry[0]()
                     if owner is not None and owner.config._attn_implementation == ATTENTION_NAME:
                         owner.set_attn_implementation(entry[1])

@@ -127,7 +127,7 @@ class KVStream:
         """The old tokens as rotated-domain attention reads them: codes read into ``scratch``, or
         states in the model's dtype (16 bits, or kept exact by the guard)."""
         if isinstance(self.old, Encoded):
-            return codes_of(self.old, self.dtype, scratch, name)
+            return codes_of(self.old, scratch, name)
         return self.old.to(self.dtype)
 
     def stored_keys(self, scratch: Scratch) -> StoredKeys:
@@ -674,6 +674,8 @@ class NexusQuantLayer(CacheLayerMixin):
         # ours right now (then decode steps attend in the rotated domain), and their buffers.
         self.route: Callable[[], bool] | None = None
         self.scratch: Scratch | None = None
+        self._route_confirmed = False  # a step showed our function gets update's keys as they are
+        self._checking: Tensor | None = None  # the keys of that step, until the function sees them
         self.scorer = scorer or config.scorer
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -733,16 +735,26 @@ class NexusQuantLayer(CacheLayerMixin):
         self.seen += key_states.shape[-2]
         # While our attention function runs (``route``), a short forward gets only the window's
         # states: the function hands the queries to ``attend``, which reads the old tokens as codes.
-        rotated = key_states.shape[-2] <= ROTATED_QUERIES and self.key_stream.old_length > 0
-        rotated = rotated and self.route is not None and self.route()
+        # The first such step hands out every state and checks that our function receives them
+        # as they are (a model that changes its keys after update, as JetMoe repeats them, does not).
+        # Autograd-tracked forwards keep the reference path (what a product reads, autograd keeps).
+        eligible = key_states.shape[-2] <= ROTATED_QUERIES and self.key_stream.old_length > 0
+        eligible = eligible and not torch.is_grad_enabled() and self.route is not None and self.route()
+        rotated = eligible and self._route_confirmed
         keys = self.key_stream.append(key_states, with_old=not rotated)
         values = self.value_stream.append(value_states, with_old=not rotated)
         self._unsettled = True
         self._handed = keys if rotated else None
+        self._checking = keys if eligible and not rotated else None
         scoring = self.evicts and self.scorer in ATTENTION_SCORERS
-        if rotated or scoring or (self.sees_queries and self.key_stream.wants_queries):
+        if eligible or scoring or (self.sees_queries and self.key_stream.wants_queries):
             PENDING_LAYER.set((self, keys))  # the attention function takes it right away
         return keys, values
+
+    def route_checked(self, keys: Tensor) -> None:
+        """Our attention function received ``keys`` as ``update`` returned them."""
+        if self._checking is keys:
+            self._route_confirmed, self._checking = True, None
 
     def handed_window(self, keys: Tensor) -> bool:
         """Whether ``keys`` are the window alone that ``update`` handed out for :meth:`attend`."""
@@ -789,7 +801,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 stacklevel=3,
             )
             self.score_by_key_norm()
-        self.sees_queries = False
+        self.sees_queries, self.route = False, None  # and decode steps hand attention every state again
 
     def score_by_key_norm(self) -> None:
         """Rank tokens by key norm from now on (the model's queries no longer come); the stored
