@@ -11,7 +11,9 @@ cache's tensors after decoding (at the dtypes they are held in), against Dynamic
     python benchmarks/cache_speed.py [--contexts 4096 8192 16384] [--model smollm2] [--threads 2]
 
 SmolLM2-135M was trained to 8k tokens: at 16k its text is nonsense, its speed is not.
-About 15 minutes on 2 CPU cores for the three contexts. Prints one table per context.
+About 15 minutes on 2 otherwise idle CPU cores for the three contexts (timings from a busy
+machine say nothing). Prints one table per context. The quanto row needs optimum-quanto
+(``pip install -e ".[peers]"``, which the test set-up installs); without it the row is skipped.
 """
 
 from __future__ import annotations
