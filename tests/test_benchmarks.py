@@ -97,3 +97,28 @@ def test_prefill_memory_benchmark_small_run():
     # SmolLM2: layers, keys and values, KV heads, 96 + 8 decoded tokens, head_dim, float32
     assert dynamic["cache_bytes"] == 30 * 2 * 3 * (96 + 8) * 64 * 4
     assert 0 < ours["cache_bytes"] < dynamic["cache_bytes"] / 2  # under a 16-bit cache, though most is window here
+
+
+@pytest.mark.real_model
+def test_cache_speed_benchmark_small_run():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "cache_speed.py"),
+            *("--contexts", "256", "--methods", "dynamic", "nq:preset=compact", "--prefill-chunk", "128"),
+            *("--rounds", "1", "--steps", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in result.stdout.splitlines()
+        if "| NQ" in line or "| Dyn" in line
+    }
+    assert set(rows) == {"DynamicCache", "NQ compact"}
+    held = rows["NQ compact"][-1]  # "x MB (0.yyx)": real bytes held against DynamicCache's
+    assert float(held.split("(")[1].rstrip("x) ")) < 0.5
+    assert rows["NQ compact"][3].strip().endswith("x")  # a decode ratio to DynamicCache in the same run
