@@ -6,7 +6,7 @@ import torch
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, attention
 from nexusquant_cache import layer as layer_module
-from nexusquant_cache.attention import Scratch
+from nexusquant_cache.attention import Scratch, StoredKeys
 from nexusquant_cache.codec import decode, decode_units, encode, unrotate
 from nexusquant_cache.codec.packing import unpack_words
 from nexusquant_cache.codec.quantizers import quantizer
@@ -324,3 +324,23 @@ def test_sixteen_bit_models_are_no_less_precise_than_the_reference(dtype):
     logits, _, _ = decode_both(model.to(dtype), CONFIGS["K4V4"], ids, mask)
     for fast, reference, truth in zip(logits["fast"], logits["reference"], exact["reference"]):
         assert (fast - truth).abs().max() <= 1.5 * (reference - truth).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool per head", "float"])
+def test_attend_on_states_equals_sdpa(mask_kind):
+    """attend over plain old states (16 bits) against SDPA with the key/value heads repeated:
+    grouped queries, per-head masks broadcast over the batch, additive float masks."""
+    generator = torch.Generator().manual_seed(0)
+    query, old_keys, old_values = (torch.randn(2, h, t, 16, generator=generator) for h, t in ((4, 1), (2, 10), (2, 10)))
+    window_keys, window_values = (torch.randn(2, 2, 3, 16, generator=generator) for _ in range(2))
+    mask = None
+    if mask_kind == "bool per head":
+        mask = (torch.rand(1, 4, 1, 20, generator=generator) > 0.3)[..., -13:]
+        mask[..., -1] = True
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, 1, 13, generator=generator)
+    out, _ = attention.attend(query, StoredKeys(old_keys), old_values, window_keys, window_values, mask, 0.25)
+    keys = torch.cat([old_keys, window_keys], 2).repeat_interleave(2, 1)
+    values = torch.cat([old_values, window_values], 2).repeat_interleave(2, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)

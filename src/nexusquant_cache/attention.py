@@ -126,7 +126,7 @@ def attend(
             logits.masked_fill_(torch.arange(total, device=query.device) > rows, float("-inf"))
     else:
         mask = attention_mask[..., -total:]
-        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.view(batch, kv_heads, groups, length, total)
+        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(-1, kv_heads, groups, length, total)
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
     weights = torch.nan_to_num(logits.softmax(-1))  # a fully masked row (padding) attends to nothing
     probabilities = torch.nn.functional.dropout(weights, dropout) if dropout else weights
