@@ -21,6 +21,7 @@ Everything here is plain torch; transformers is never touched.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ def guard_limit(bits: int, method: str = "e8") -> float:
 # Rope.trig's tables by (frequencies, scaling, device); a handful at most (one per RoPE kind in use).
 _TRIG_TABLES: dict[tuple, Tensor] = {}
 _TRIG_KEPT = 8
+_TRIG_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,9 +94,10 @@ class Rope:
             with torch.inference_mode(False):  # shared: usable inside and outside inference mode
                 angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
                 table = torch.cat([angles.cos() * self.scaling, angles.sin() * self.scaling], -1)
-            if len(_TRIG_TABLES) >= _TRIG_KEPT and key not in _TRIG_TABLES:
-                del _TRIG_TABLES[next(iter(_TRIG_TABLES))]
-            _TRIG_TABLES[key] = table
+            with _TRIG_LOCK:  # caches decode on several threads
+                if len(_TRIG_TABLES) >= _TRIG_KEPT and key not in _TRIG_TABLES:
+                    del _TRIG_TABLES[next(iter(_TRIG_TABLES))]
+                _TRIG_TABLES[key] = table
         return table
 
     def trig_at(self, positions: Tensor) -> Tensor:
