@@ -95,11 +95,10 @@ class E8Quantizer:
         codeword's 8 coordinates, doubled, as int8): no float detour, no [m, 8] index tensors."""
         m = codes.shape[0]
         if self.bits == 2:  # one 16-bit index per block
-            index = codes.view(torch.uint16).reshape(-1).to(torch.int32)
-            out.view(m, -1).copy_(_gathered(self.stages[0], 0, index).view(torch.int8).view(m, -1))
+            out.view(m, -1).copy_(_gathered(self.stages[0], 0, _indices16(codes)).view(torch.int8).view(m, -1))
             return 0.5, 0.0
         if self.bits == 4:  # two 16-bit indices per block (first stage first); c = c1 + c2 / 4
-            rows = _gathered(self.stages[0], _BIAS, codes.view(torch.uint16).reshape(-1).to(torch.int32)).view(-1, 2)
+            rows = _gathered(self.stages[0], _BIAS, _indices16(codes)).view(-1, 2)
             # 8c = 4 (2 c1) + 2 c2: biased lanes (2c + 8 in 0..14) add without carries between the bytes of a row.
             combined = torch.add(rows[:, 1], rows[:, 0], alpha=4)
             out.view(m, -1).copy_(combined.view(torch.uint8).view(m, -1))
@@ -124,6 +123,12 @@ def _row_table(book: OrbitCodebook, bias: int, device: torch.device) -> Tensor:
     doubled = (2 * book.points).round().to(torch.int16) + bias
     rows = doubled.to(torch.int8 if bias == 0 else torch.uint8).contiguous().view(torch.int64).view(-1)
     return rows.to(device)
+
+
+def _indices16(codes: Tensor) -> Tensor:
+    """The little-endian 16-bit words of ``codes`` [m, 2k] as int32 [m * k] (through int16, which
+    every device supports, unlike uint16)."""
+    return codes.view(torch.int16).reshape(-1).to(torch.int32).bitwise_and_(0xFFFF)
 
 
 def _gathered(book: OrbitCodebook, bias: int, index: Tensor) -> Tensor:
