@@ -163,17 +163,25 @@ def test_generate_uses_the_rotated_path_and_matches_the_reference():
 
 
 def test_a_model_switched_off_our_attention_gets_every_state():
+    """Once the hand-off is confirmed, a model switched to plain SDPA mid-life decodes as a
+    cache that never attended to codes (the window alone would change its logits)."""
     model = biased_llama()
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
-    cache = NexusQuantCache(NexusQuantConfig(**SMALL), model=model)
+    caches = [NexusQuantCache(NexusQuantConfig(**SMALL), model=model) for _ in range(2)]
+    for layer in caches[1].layers:
+        layer.route = None
+    logits = {"fast": [], "reference": []}
     with torch.no_grad():
-        model(ids, cache=cache)
-        model.set_attn_implementation("sdpa")
-        try:
-            keys, _ = cache.layers[0].update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
-        finally:
-            model.set_attn_implementation("nexusquant")
-    assert keys.shape[-2] == 31  # not the window alone
+        for name, cache in zip(logits, caches):
+            model(ids, cache=cache)
+            model(torch.tensor([[5]]), cache=cache)  # confirms the hand-off on the fast cache
+            model.set_attn_implementation("sdpa")
+            try:
+                logits[name].append(model(torch.tensor([[6]]), cache=cache).logits)
+            finally:
+                model.set_attn_implementation("nexusquant")
+    assert all(layer._route_confirmed for layer in caches[0].layers)
+    check_equal(logits)
 
 
 def test_scratch_grows_by_pages_and_is_reused():

@@ -149,7 +149,7 @@ def _key_logits(query: Tensor, keys: StoredKeys) -> Tensor:
     if not isinstance(old, Codes):
         return _dot(query, old)
     conditioning = keys.conditioning
-    turned = query.float()
+    turned = exact_query = query.float()
     if conditioning is not None and conditioning.scale is not None:
         turned = turned / conditioning.scale
     turned = turned @ rotation_matrix(turned.shape[-1], old.seed, turned.device).T  # R (q / sigma)
@@ -158,7 +158,7 @@ def _key_logits(query: Tensor, keys: StoredKeys) -> Tensor:
         logits -= old.bias * turned.sum(-1, keepdim=True)
     logits *= old.factor[..., None, :]
     if conditioning is not None:
-        logits += _offset_logits(query.float(), conditioning, keys.positions, logits.shape[-1])
+        logits += _offset_logits(exact_query, conditioning, keys.positions, logits.shape[-1])
     if keys.exact is not None:
         exact = _dot(query, keys.exact.to(query.dtype))  # [B, H, Q, S]
         if keys.sinks_held:
