@@ -122,3 +122,19 @@ def test_cache_speed_benchmark_small_run():
     held = rows["NQ compact"][-1]  # "x MB (0.yyx)": real bytes held against DynamicCache's
     assert float(held.split("(")[1].rstrip("x) ")) < 0.5
     assert rows["NQ compact"][3].strip().endswith("x")  # a decode ratio to DynamicCache in the same run
+
+
+def test_page_size_benchmark_small_run():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "page_size.py"),
+            *("--contexts", "400", "--page-tokens", "64", "--steps", "3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 400 ")][0]
+    assert int(row[2]) >= 3 and row[-1].strip().endswith("x")  # several pages, timed against one page

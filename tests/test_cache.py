@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DynamicCache
 
-from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, decode, encode, pages
 from nexusquant_cache.layer import NexusQuantLayer
-from tests.tiny_models import MODELS, greedy, prompt, tiny_llama
+from tests.tiny_models import MODELS, greedy, held_storage, prompt, tiny_llama
 
 
 @pytest.fixture(params=list(MODELS))
@@ -126,33 +126,29 @@ def test_window_beyond_float16_range_stays_full_width():
     assert layer.key_stream.recent.dtype == torch.float32 and torch.isfinite(layer.key_stream.recent).all()
 
 
+@pytest.mark.parametrize("page_tokens", [3, 256])
 @pytest.mark.parametrize("key_bits, value_bits", [(16, 2), (2, 16), (16, 16)])
-def test_stats_count_the_storage_of_a_side_kept_at_16_bits(model, key_bits, value_bits):
+def test_stats_count_the_storage_of_a_side_kept_at_16_bits(model, key_bits, value_bits, page_tokens, monkeypatch):
+    monkeypatch.setattr(pages, "PAGE_TOKENS", page_tokens)
     config = NexusQuantConfig(key_bits=key_bits, value_bits=value_bits, recent_window=8, block_size=4)
     cache = NexusQuantCache(config, model=model)
     model(prompt(), cache=cache)
     stats = cache.stats()  # the first retirement: the old part is cut from the prefill's window
-    held = {}  # storage by address: two views of one buffer count once, at the buffer's size
-    for layer in cache.layers:
-        for tensor in layer.state_tensors()[0].values():
-            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    assert stats["bytes"]["total"] == sum(held.values())
+    assert stats["bytes"]["total"] == held_storage(cache)
+    model(prompt()[:, :6], cache=cache)  # a second block fills the last page up, then new pages
+    assert cache.stats()["bytes"]["total"] == held_storage(cache)
 
 
-def test_stats_count_every_tensor_held(model):
+@pytest.mark.parametrize("page_tokens", [3, 256])
+def test_stats_count_every_tensor_held(model, page_tokens, monkeypatch):
+    monkeypatch.setattr(pages, "PAGE_TOKENS", page_tokens)
     cache = NexusQuantCache(SMALL_WINDOW, model=model)
     model(prompt(), cache=cache)
     stats = cache.stats()
-    held = 0
-    for layer in cache.layers:
-        for stream in (layer.key_stream, layer.value_stream):
-            # storage, not element counts: a view that kept a larger tensor alive would show here
-            held += sum(t.untyped_storage().nbytes() for t in (stream.old.codes, stream.old.scales, stream.recent))
-            # key conditioning: offsets, scales, the sinks' exact keys, RoPE frequencies
-            held += sum(t.untyped_storage().nbytes() for t in stream._conditioning_tensors().values())
-        held += 0 if layer.shift is None else layer.shift.untyped_storage().nbytes()
+    held = held_storage(cache)
     assert stats["bytes"]["total"] == held and stats["tokens_seen"] == stats["tokens_stored"] == 40
     assert stats["ratio"] == stats["baseline_bytes"] / held
+    assert len(cache.layers[0].key_stream.pages.pages) == -(-cache.layers[0].key_stream.old_length // page_tokens)
 
 
 def stored_keys(layer):

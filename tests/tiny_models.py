@@ -10,6 +10,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from nexusquant_cache.codec import Encoded
+
 
 def tiny_llama():
     config = LlamaConfig(
@@ -63,3 +65,20 @@ def greedy(model, ids, max_new_tokens=12, **kwargs):
         pad_token_id=0,
         **kwargs,
     )
+
+
+def held_storage(cache) -> int:
+    """Bytes of every storage the cache's layers reference (storage, not element counts: a view
+    that kept a larger tensor alive shows here; two views of one buffer count once)."""
+    held = {}
+    for layer in cache.layers:
+        tensors = [layer.positions, layer.scores, layer.shift]
+        for stream in (layer.key_stream, layer.value_stream):
+            for page in stream.pages.pages:
+                tensors += [page.codes, page.scales] if isinstance(page, Encoded) else [page]
+            # key conditioning: offsets, scales, the sinks' exact keys, RoPE frequencies
+            tensors += [stream.recent, *stream._conditioning_tensors().values()]
+        for tensor in tensors:
+            if tensor is not None:
+                held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(held.values())

@@ -72,14 +72,16 @@ class Codes:
     seed: int
 
 
-def codes_of(old: Encoded, scratch: Scratch, name: str) -> Codes:
-    """Read ``old`` into ``scratch`` buffer ``name`` for one step's attention.
+def codes_of(old: list[Encoded], scratch: Scratch, name: str) -> Codes:
+    """Read the pages ``old`` (joined along the tokens) into ``scratch`` buffer ``name`` for one step's attention.
     The units are float32 whatever the model's dtype: at 4 bits they are biased integers up to 70,
     whose products with the query float16 or bfloat16 would round (or overflow) far more than
     the keys themselves do."""
-    out = scratch.take(name, tuple(old.shape), torch.float32, old.codes.device)
+    batch, heads, _, dim = old[0].shape
+    tokens = sum(page.scales.shape[-1] for page in old)
+    out = scratch.take(name, (batch, heads, tokens, dim), torch.float32, old[0].codes.device)
     units, factor, bias = decode_units(old, torch.float32, out)
-    return Codes(units, factor, bias, old.seed)
+    return Codes(units, factor, bias, old[0].seed)
 
 
 @dataclass

@@ -20,7 +20,6 @@ Counts the contract relies on: ``get_seq_length()`` is tokens *seen*; ``get_mask
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 import weakref
 from contextvars import ContextVar
@@ -34,6 +33,7 @@ from .attention import Codes, Scratch, StoredKeys, attend, codes_of
 from .codec import SUPPORTED_DTYPES, Encoded, decode, encode
 from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
+from .pages import Pages, concat, length, take
 from .policy import PAD, evicted, merge_targets, select_kept
 from .scoring import attention_scores, key_norm_scores, weight_scores
 
@@ -77,7 +77,7 @@ class KVStream:
         self.config = config
         self.conditioned = conditioned and bits < 16
         self.exact_tokens = exact_tokens if self.conditioned else 0
-        self.old: Encoded | Tensor | None = None
+        self.pages = Pages()  # the old tokens
         self.recent: Tensor | None = None
         self.conditioning: KeyConditioning | None = None
         self.exact: Tensor | None = None  # [B, H, exact_tokens, d]: the sinks' states, exact
@@ -92,13 +92,22 @@ class KVStream:
         self.name = "a layer"  # how warnings name the layer
 
     @property
+    def old(self) -> Encoded | Tensor | None:
+        """The old tokens as one Encoded (codes [B, H, T_old, d*bits/8], scales [B, H, T_old]) or
+        one [B, H, T_old, d] tensor at 16 bits (joined from the pages: a copy when there are several)."""
+        return self.pages.whole()
+
+    @property
     def old_length(self) -> int:
-        return _length(self.old)
+        return self.pages.length
+
+    def _holds_codes(self) -> bool:
+        return bool(self.pages.pages) and isinstance(self.pages.pages[0], Encoded)
 
     @property
     def wants_queries(self) -> bool:
         """Whether the first encode, which fits the conditioning and runs the guard, is still to come."""
-        return self.bits < 16 and self.old is None
+        return self.bits < 16 and not self.pages.length
 
     @property
     def length(self) -> int:
@@ -119,16 +128,19 @@ class KVStream:
             stored = stored.clone()  # a view of a larger buffer (GPT-2's fused qkv) would keep it all alive
         self.recent = stored if held is None else torch.cat([held, stored], dim=-2)
         recent = states if held is None else torch.cat([held.to(states.dtype), states], dim=-2)
-        if self.old is None or not with_old:
+        if not self.pages.length or not with_old:
             return recent
         return torch.cat([self.old_states(), recent], dim=-2)
 
     def old_for_attention(self, scratch: Scratch, name: str) -> Codes | Tensor:
         """The old tokens as rotated-domain attention reads them: codes read into ``scratch``, or
         states in the model's dtype (16 bits, or kept exact by the guard)."""
-        if isinstance(self.old, Encoded):
-            return codes_of(self.old, scratch, name)
-        return self.old.to(self.dtype)
+        pages = self.pages.pages
+        if self._holds_codes():
+            return codes_of(pages, scratch, name)
+        batch, heads, _, dim = pages[0].shape
+        out = scratch.take(name, (batch, heads, self.old_length, dim), self.dtype, pages[0].device)
+        return torch.cat(pages, dim=2, out=out)  # widened to the model's dtype in the same pass
 
     def stored_keys(self, scratch: Scratch) -> StoredKeys:
         """The old keys with what undoes their conditioning, for rotated-domain attention."""
@@ -142,7 +154,8 @@ class KVStream:
 
     def old_states(self) -> Tensor:
         """The old tokens [B, H, T_old, d] as attention sees them, in the model's dtype."""
-        return self._decode(self.old, None) if isinstance(self.old, Encoded) else self.old.to(self.dtype)
+        old = self.old
+        return self._decode(old, None) if isinstance(old, Encoded) else old.to(self.dtype)
 
     def _decode(self, old: Encoded, index: Tensor | None) -> Tensor:
         """States of the old tokens ``old`` (all of them, or those at ``index`` [B, H, K] when
@@ -164,7 +177,7 @@ class KVStream:
                 states[batch, head, self.exact_index[batch, head, slot]] = exact[batch, head, slot]
             else:
                 match = index[..., :, None] == self.exact_index[..., None, :]  # [B, H, K, slots]
-                rows = _take(exact, match.to(torch.int8).argmax(-1))
+                rows = take(exact, match.to(torch.int8).argmax(-1))
                 states = torch.where(match.any(-1)[..., None], rows, states)
         return states
 
@@ -194,7 +207,7 @@ class KVStream:
             if self.exact_tokens and self.bits < 16:
                 index = old_length + torch.arange(leaving, device=moving.device)
                 self._keep_sinks(moving, moving_positions, index.expand(*moving.shape[:2], -1))
-            self.old = _cat(self.old, fresh)
+            self.pages.append(fresh)  # rewrites the last page only
             return
         # Sorted indices list kept old tokens first: per head, n_old of them, then the leaving ones.
         n_old = (keep < old_length).sum(-1, keepdim=True)  # [B, H, 1]
@@ -203,13 +216,13 @@ class KVStream:
         # Only the leaving tokens some head keeps are encoded: per head, padded to the longest list.
         pick = torch.gather(keep, -1, (n_old + rank[:n_moving]).clamp(max=keep.shape[-1] - 1)) - old_length
         pick = pick.clamp(0, max(leaving - 1, 0))
-        picked = _take(moving, pick)
+        picked = take(moving, pick)
         picked_positions = None
         if moving_positions is not None:
             picked_positions = torch.gather(moving_positions.expand(*pick.shape[:2], -1), -1, pick)
         where = torch.where(rank < n_old, keep, old_length + rank - n_old)
         fresh = self._store(picked, picked_positions)
-        self.old = _take(_cat(self.old, fresh), where)
+        self.pages = Pages.of(take(concat([self.old, fresh]), where))
         if self.exact is not None:  # follow the kept sinks to their new indices (sinks are never evicted)
             new = torch.searchsorted(where, self.exact_index.clamp(min=0)).clamp(max=where.shape[-1] - 1)
             found = (self.exact_index >= 0) & (where.gather(-1, new) == self.exact_index)
@@ -247,10 +260,10 @@ class KVStream:
         ``leaving`` oldest window tokens), in the model's dtype; only the old ones asked for are decoded."""
         old_length = self.old_length
         from_window = self.recent[..., :leaving, :].to(self.dtype)
-        states = _take(from_window, (index - old_length).clamp(0, max(leaving - 1, 0))) if leaving else None
+        states = take(from_window, (index - old_length).clamp(0, max(leaving - 1, 0))) if leaving else None
         if old_length:
             inside = index.clamp(max=old_length - 1)
-            old = _take(self.old, inside)
+            old = take(self.old, inside)
             old = self._decode(old, inside) if isinstance(old, Encoded) else old.to(self.dtype)
             states = old if states is None else torch.where((index < old_length)[..., None], old, states)
         return states
@@ -274,7 +287,8 @@ class KVStream:
         """Forget the ``count`` oldest tokens (a sliding window moving on)."""
         from_old = min(count, self.old_length)
         if from_old:
-            self.old = _take(self.old, _arange_like(self.old, from_old))
+            old = self.old
+            self.pages = Pages.of(take(old, _arange_like(old, from_old)))
         if count > from_old:
             self.recent = self.recent[..., count - from_old :, :].clone()
 
@@ -332,7 +346,7 @@ class KVStream:
         in it (a loaded file's values are bounded for float32; float16's range is far smaller)."""
         self.dtype = dtype  # what the next append would set: the dtype decodes go to
         for name, states in (("recent", self.recent), ("exact", self.exact), ("old", self.old)):
-            if states is None or _length(states) == 0:
+            if states is None or length(states) == 0:
                 continue
             states = self.old_states() if name == "old" else states
             if not torch.isfinite(states.to(dtype)).all():
@@ -342,10 +356,7 @@ class KVStream:
         """Apply ``fn`` (an indexing of dim 0) to every tensor held."""
         if self.recent is not None:
             self.recent = fn(self.recent)
-        if isinstance(self.old, Encoded):
-            self.old = dataclasses.replace(self.old, codes=fn(self.old.codes), scales=fn(self.old.scales))
-        elif self.old is not None:
-            self.old = fn(self.old)
+        self.pages.map(fn)
         if self.exact is not None:
             self.exact, self.exact_index, self._sinks_held = fn(self.exact), fn(self.exact_index), None
         if self.queries is not None:
@@ -355,10 +366,12 @@ class KVStream:
 
     def nbytes(self) -> dict[str, int]:
         parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent), "metadata": 0}
-        if isinstance(self.old, Encoded):
-            parts["codes"], parts["scales"] = _bytes(self.old.codes), _bytes(self.old.scales)
+        old = self.pages.pages
+        if self._holds_codes():
+            parts["codes"] = sum(_bytes(page.codes) for page in old)
+            parts["scales"] = sum(_bytes(page.scales) for page in old)
         else:
-            parts["window"] += _bytes(self.old)  # 16-bit old tokens are full precision too
+            parts["window"] += sum(_bytes(page) for page in old)  # 16-bit old tokens are full precision too
         parts["metadata"] = sum(_bytes(tensor) for tensor in self._conditioning_tensors().values())
         return parts
 
@@ -393,12 +406,13 @@ class KVStream:
         state["rope_scaling"] = None if rope is None else rope.scaling
         if self.logit_error is not None:
             state["logit_error"] = self.logit_error
-        if isinstance(self.old, Encoded):
-            tensors |= {"codes": self.old.codes, "scales": self.old.scales}
-            state |= {"old": "codes", "method": self.old.method.value, "seed": self.old.seed}
-            state["dtype"] = str(self.old.dtype).removeprefix("torch.")
+        old = self.old
+        if isinstance(old, Encoded):
+            tensors |= {"codes": old.codes, "scales": old.scales}
+            state |= {"old": "codes", "method": old.method.value, "seed": old.seed}
+            state["dtype"] = str(old.dtype).removeprefix("torch.")
         elif self.old_length:  # an empty 16-bit part is the same as none
-            tensors["old"] = self.old
+            tensors["old"] = old
             state["old"] = "states"
         return {name: tensor for name, tensor in tensors.items() if tensor is not None}, state
 
@@ -486,8 +500,8 @@ class KVStream:
                 raise ValueError(
                     f"exact_index must be int64 [{batch}, {heads}, {slots}] but is {_describe(exact_index)}"
                 )
-            if ((exact_index < -1) | (exact_index >= _length(old))).any():
-                raise ValueError(f"exact_index must be -1 or an index below {_length(old)} (the old tokens)")
+            if ((exact_index < -1) | (exact_index >= length(old))).any():
+                raise ValueError(f"exact_index must be -1 or an index below {length(old)} (the old tokens)")
         queries = tensors.get("queries")
         if queries is not None and (queries.abs() > _STATE_BOUND).any():
             raise ValueError(f"queries must lie within +-{_STATE_BOUND:g}")
@@ -500,7 +514,7 @@ class KVStream:
             raise ValueError(f"logit_error must be a list of numbers, not {error!r}")
         if guarded:
             self.bits, self.exact_tokens = 16, 0
-        self.old, self.recent, self.conditioning, self.queries = old, recent, conditioning, queries
+        self.pages, self.recent, self.conditioning, self.queries = Pages.of(old), recent, conditioning, queries
         self.exact, self.exact_index, self._sinks_held = exact, exact_index, None
         self.guarded, self.logit_error = guarded, error
         if rope is not None or not version_1 and self.conditioned:
@@ -530,40 +544,11 @@ def _restore_rope(inv_freq: Tensor | None, scaling, dim: int) -> Rope | None:
     return Rope(inv_freq, float(scaling))
 
 
-def _take(x: Encoded | Tensor | None, index: Tensor) -> Encoded | Tensor | None:
-    """Gather tokens (dim 2) per batch row and head: index [B, H, K]."""
-    if x is None:
-        return None
-    if isinstance(x, Encoded):
-        return dataclasses.replace(x, codes=_take(x.codes, index), scales=torch.gather(x.scales, 2, index))
-    return torch.gather(x, 2, index[..., None].expand(*index.shape, x.shape[-1]))
-
-
 def _arange_like(x: Encoded | Tensor, start: int) -> Tensor:
     """Token indices start..T_old-1 for every batch row and head of ``x``, as [B, H, T_old - start]."""
     scales = x.scales if isinstance(x, Encoded) else x[..., 0]
     index = torch.arange(start, scales.shape[-1], device=scales.device)
     return index.expand(*scales.shape[:-1], -1)
-
-
-def _length(x: Encoded | Tensor | None) -> int:
-    if x is None:
-        return 0
-    return x.scales.shape[-1] if isinstance(x, Encoded) else x.shape[-2]
-
-
-def _cat(first: Encoded | Tensor | None, second: Encoded | Tensor | None) -> Encoded | Tensor | None:
-    if _length(first) == 0:
-        return second
-    if _length(second) == 0:
-        return first
-    if isinstance(first, Encoded):
-        return dataclasses.replace(
-            first,
-            codes=torch.cat([first.codes, second.codes], dim=-2),
-            scales=torch.cat([first.scales, second.scales], dim=-1),
-        )
-    return torch.cat([first, second], dim=-2)
 
 
 def _keep(stats: Tensor | None, keep: Tensor, candidates: int) -> Tensor | None:

@@ -157,7 +157,7 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
     return Encoded(codes.view(*x.shape[:-1], -1), scales.view(x.shape[:-1]), bits, Method(method), seed, x.dtype)
 
 
-def decode_units(encoded: Encoded, dtype: torch.dtype = torch.float32, out: Tensor | None = None):
+def decode_units(encoded: Encoded | list[Encoded], dtype: torch.dtype = torch.float32, out: Tensor | None = None):
     """The reconstruction in the rotated domain, before the inverse rotation, as
     ``factor[..., None] * (units - bias)``: returns ``(units, factor, bias)``.
 
@@ -168,13 +168,20 @@ def decode_units(encoded: Encoded, dtype: torch.dtype = torch.float32, out: Tens
     unrotate(factor[..., None] * (units - bias))``, and attention can use the codes as they are:
     ``q . R^T y = (R q) . y`` for the query, one ``factor`` per token on the logits, and the
     bias as one correction per query.
+
+    ``encoded`` may be a list of pieces with the same bits, method and seed, read as one: joined
+    along their last batch axis (codes [..., T_i, bytes], scales [..., T_i]); paged storage costs
+    one copy of the codes, an eighth of the units' bytes at 4 bits.
     """
-    q = quantizer(encoded.method.value, encoded.bits)
-    codes = encoded.codes.reshape(-1, encoded.codes.shape[-1]).contiguous()
+    parts = [encoded] if isinstance(encoded, Encoded) else encoded
+    first = parts[0]
+    if any((p.bits, p.method, p.seed) != (first.bits, first.method, first.seed) for p in parts):
+        raise ValueError("pieces read as one must share bits, method and seed")
+    scales = first.scales if len(parts) == 1 else torch.cat([p.scales for p in parts], -1)
     if out is None:
-        out = torch.empty(encoded.shape, dtype=dtype, device=codes.device)
-    unit, bias = q.units(codes, out.view(codes.shape[0], -1))
-    return out, encoded.scales.float() * unit, bias
+        out = torch.empty((*scales.shape, first.dim), dtype=dtype, device=scales.device)
+    unit, bias = quantizer(first.method.value, first.bits).units([p.codes for p in parts], out.view(-1, first.dim))
+    return out, scales.float().mul_(unit), bias
 
 
 def decode(encoded: Encoded) -> Tensor:

@@ -1,0 +1,111 @@
+"""Paged storage: equal to one contiguous tensor under any sequence of appends, evictions and
+batch ops; an append moves nothing but the last page; a cache gives the same outputs whatever the page size."""
+
+import random
+
+import pytest
+import torch
+
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, encode, pages
+from nexusquant_cache.codec import Encoded, decode_units
+from nexusquant_cache.pages import Pages, concat, take
+from tests.tiny_models import MODELS, prompt
+
+
+def rows(kind: str, batch: int, count: int, generator: torch.Generator):
+    states = torch.randn(batch, 2, count, 16, generator=generator)
+    return encode(states, 4) if kind == "codes" else states
+
+
+def assert_same(paged: Pages, reference):
+    for got, expected in zip(tensors_of(paged.whole()), tensors_of(reference), strict=True):
+        assert torch.equal(got, expected)
+    sizes = [pages.length(page) for page in paged.pages]
+    assert paged.length == sum(sizes) == pages.length(reference)
+    assert all(size == paged.size for size in sizes[:-1]) and 1 <= sizes[-1] <= paged.size
+
+
+def tensors_of(page):
+    return (page.codes, page.scales) if isinstance(page, Encoded) else (page,)
+
+
+@pytest.mark.parametrize("kind", ["codes", "states"])
+@pytest.mark.parametrize("size", [1, 3, 8])
+def test_pages_equal_one_tensor_under_random_operations(kind, size):
+    generator = torch.Generator().manual_seed(size)
+    chooser = random.Random(size)
+    paged, reference, batch = Pages(size), None, 2
+    for _ in range(60):
+        operation = chooser.choice(["append", "append", "append", "evict", "beams", "repeat", "select"])
+        if operation == "append":
+            block = rows(kind, batch, chooser.randint(1, 7), generator)
+            before = list(paged.pages[:-1])
+            paged.append(block)
+            reference = concat([reference, block])
+            # Settling a block moves nothing before the last page: O(page + block), not O(context).
+            assert all(a is b for a, b in zip(before, paged.pages, strict=False))
+        elif reference is None:
+            continue
+        elif operation == "evict":
+            total = pages.length(reference)
+            kept = chooser.randint(1, total)
+            keep = torch.rand(batch, 2, total, generator=generator).argsort(-1)[..., :kept].sort(-1).values
+            paged, reference = Pages.of(take(paged.whole(), keep), size), take(reference, keep)
+        else:
+            if operation == "beams":
+                fn = lambda t: t.index_select(0, torch.arange(t.shape[0]).flip(0))  # noqa: E731
+            elif operation == "repeat" and batch < 4:
+                fn = lambda t: t.repeat_interleave(2, dim=0)  # noqa: E731
+            else:
+                fn = lambda t: t[torch.arange(t.shape[0]) != 1]  # noqa: E731 (batch 1 stays itself)
+            paged.map(fn)
+            reference = pages._map(reference, fn)
+            batch = (reference.scales if kind == "codes" else reference).shape[0]
+        assert_same(paged, reference)
+
+
+@pytest.mark.parametrize("method, bits", [("e8", 2), ("e8", 3), ("e8", 4), ("scalar", 4)])
+def test_codes_read_as_pages_equal_the_codes_read_whole(method, bits):
+    states = torch.randn(2, 3, 11, 16, generator=torch.Generator().manual_seed(bits))
+    whole = encode(states, bits, method)
+    paged = Pages.of(whole, 4)
+    assert len(paged.pages) == 3
+    units, factor, bias = decode_units(paged.pages)
+    expected_units, expected_factor, expected_bias = decode_units(whole)
+    assert torch.equal(units, expected_units) and torch.equal(factor, expected_factor) and bias == expected_bias
+    with pytest.raises(ValueError, match="share bits, method and seed"):
+        decode_units([whole, encode(states, 2 if bits != 2 else 4, method)])
+
+
+CONFIGS = {
+    "K4V2": dict(key_bits=4, value_bits=2),
+    "K16V16 snapkv merge": dict(key_bits=16, value_bits=16, keep_ratio=0.5, merge="values", sink_tokens=2),
+    "K4V4 h2o": dict(key_bits=4, value_bits=4, keep_ratio=0.6, scorer="h2o", sink_tokens=2),
+}
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+@pytest.mark.parametrize("settings", list(CONFIGS))
+def test_a_cache_is_the_same_whatever_the_page_size(name, settings, monkeypatch):
+    """Pages of 3 tokens (many pages, a partly filled last one) against pages larger than the
+    context (one contiguous tensor, as storage was before pages): the same tokens, scores and
+    stored bytes, through a prefill, beam search (reorder every step) and sampling-free decode."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    config = NexusQuantConfig(**CONFIGS[settings], recent_window=8, block_size=4)
+    ids = prompt(batch=2, length=40)
+    results = []
+    for page_tokens in (3, 4096):
+        monkeypatch.setattr(pages, "PAGE_TOKENS", page_tokens)
+        cache = NexusQuantCache(config, model=model)
+        out = model.generate(
+            ids, cache=cache, max_new_tokens=10, num_beams=2, do_sample=False,
+            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        )  # fmt: skip
+        layer = cache.layers[0]
+        assert max(len(stream.pages.pages) for stream in (layer.key_stream, layer.value_stream)) > (
+            1 if page_tokens == 3 else 0
+        )
+        results.append((out.sequences, torch.stack(out.scores), cache.stats()["bytes"]))
+    (tokens, scores, held), (tokens_one, scores_one, held_one) = results
+    assert torch.equal(tokens, tokens_one) and torch.equal(scores, scores_one) and held == held_one
