@@ -138,6 +138,8 @@ class KVStream:
         pages = self.pages.pages
         if self._holds_codes():
             return codes_of(pages, scratch, name)
+        if len(pages) == 1:
+            return pages[0].to(self.dtype)  # read in place when it is the model's dtype
         batch, heads, _, dim = pages[0].shape
         out = scratch.take(name, (batch, heads, self.old_length, dim), self.dtype, pages[0].device)
         return torch.cat(pages, dim=2, out=out)  # widened to the model's dtype in the same pass
@@ -191,15 +193,14 @@ class KVStream:
         """Positions [B or 1, H or 1, T_old] of the old tokens (only asked for when RoPE is known)."""
         if self.conditioning is None or self.conditioning.rope is None:
             return torch.zeros(1, 1, 1)  # not used: the offset does not depend on the position
-        return self.positions()[..., : self.old_length]
+        return self.positions(0, self.old_length)
 
     def retire(self, leaving: int, keep: Tensor | None) -> None:
         """Move the ``leaving`` oldest recent tokens into ``old``, keeping only the candidates
         (old tokens, then leaving ones) indexed by ``keep`` [B, H, K] (ascending; None: all).
         ``positions()`` must still list the candidates first."""
         old_length = self.old_length
-        positions = self.positions()[..., : old_length + leaving] if self._needs_positions() else None
-        moving_positions = None if positions is None else positions[..., old_length:]
+        moving_positions = self.positions(old_length, old_length + leaving) if self._needs_positions() else None
         # A copy, not a view: a view would keep the whole pre-retirement window allocated.
         moving, self.recent = self.recent[..., :leaving, :], self.recent[..., leaving:, :].clone()
         if keep is None:
@@ -222,7 +223,7 @@ class KVStream:
             picked_positions = torch.gather(moving_positions.expand(*pick.shape[:2], -1), -1, pick)
         where = torch.where(rank < n_old, keep, old_length + rank - n_old)
         fresh = self._store(picked, picked_positions)
-        self.pages = Pages.of(take(concat([self.old, fresh]), where))
+        self.pages = Pages.of(take(concat([*self.pages.pages, fresh]), where), self.pages.size)
         if self.exact is not None:  # follow the kept sinks to their new indices (sinks are never evicted)
             new = torch.searchsorted(where, self.exact_index.clamp(min=0)).clamp(max=where.shape[-1] - 1)
             found = (self.exact_index >= 0) & (where.gather(-1, new) == self.exact_index)
@@ -288,7 +289,7 @@ class KVStream:
         from_old = min(count, self.old_length)
         if from_old:
             old = self.old
-            self.pages = Pages.of(take(old, _arange_like(old, from_old)))
+            self.pages = Pages.of(take(old, _arange_like(old, from_old)), self.pages.size)
         if count > from_old:
             self.recent = self.recent[..., count - from_old :, :].clone()
 
@@ -566,8 +567,8 @@ class _StoredPositions:
     def __init__(self, layer: "NexusQuantLayer"):
         self.layer = weakref.ref(layer)
 
-    def __call__(self) -> Tensor:
-        return self.layer()._stored_positions()
+    def __call__(self, start: int = 0, stop: int | None = None) -> Tensor:
+        return self.layer()._stored_positions(start, stop)
 
     def __deepcopy__(self, memo: dict) -> "_StoredPositions":
         return _StoredPositions(copy.deepcopy(self.layer(), memo))
@@ -692,12 +693,13 @@ class NexusQuantLayer(CacheLayerMixin):
         self._handed = None  # the window keys update handed out for attend, until it runs
         self.is_initialized = False
 
-    def _stored_positions(self) -> Tensor:
-        """Positions of the stored tokens: [B, H, T] when evicting, else [B, 1, T]."""
+    def _stored_positions(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Positions of the stored tokens ``start:stop``: [B, H, T] when evicting, else [B, 1, T]."""
         if self.positions is not None:
-            return self.positions
+            return self.positions[..., start:stop]
         first = self.seen - self.key_stream.length
-        indices = torch.arange(first, self.seen, device=self.device)
+        stop = self.key_stream.length if stop is None else stop
+        indices = torch.arange(first + start, first + stop, device=self.device)
         return (indices[None] if self.shift is None else self.shift + indices)[:, None]
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:

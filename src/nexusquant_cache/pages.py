@@ -59,6 +59,11 @@ class Pages:
         count = length(rows)
         if not count:
             return
+        if self.pages and not isinstance(rows, Encoded) and rows.dtype != self.pages[0].dtype:
+            # States widened (a window beyond float16's range): every page takes the wider dtype,
+            # as one tensor would, so what is held does not depend on the page size.
+            wider = torch.promote_types(rows.dtype, self.pages[0].dtype)
+            self.pages, rows = [page.to(wider) for page in self.pages], rows.to(wider)
         start = 0
         if self.pages and length(self.pages[-1]) < self.size:
             start = min(self.size - length(self.pages[-1]), count)
