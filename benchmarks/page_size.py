@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=66)
     args = parser.parse_args()
+    if args.steps < 3:
+        parser.error("--steps must be at least 3: the first two are warm-up")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     ids = encode(tokenizer, "".join(text for _, text in builtin_texts("python-docs")))

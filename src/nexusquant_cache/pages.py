@@ -28,7 +28,7 @@ __all__ = ["PAGE_TOKENS", "Pages", "Rows", "take", "concat", "length"]
 
 # Tokens per page. A decode step reads the codes joined (one copy of them when there are several
 # pages), while a page saves a copy of the history once per block (1/32 to 1/64 as often): with
-# pages of 1,024 tokens a SmolLM2 decode step was 2% slower at 4k tokens, 5% at 16k
+# pages of 1,024 tokens a SmolLM2 decode step was 4% slower at 4k tokens, 6% at 16k
 # (benchmarks/page_size.py). So up to 64k tokens per layer the old tokens stay one tensor, read
 # in place; beyond, a settle rewrites at most one page and never reallocates the whole history.
 # A kernel reading pages in place (a GPU engine's block table) would take small pages.
