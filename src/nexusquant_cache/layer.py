@@ -87,7 +87,7 @@ class KVStream:
         self.queries: Tensor | None = None
         self.guarded: bool = False
         self.logit_error: list[float] | None = None  # per head, measured by the first encode
-        self.positions: Callable[[], Tensor] | None = None
+        self.positions: Callable[..., Tensor] | None = None  # (start, stop) -> positions of stored tokens
         self.dtype: torch.dtype | None = None  # the model's: what append returns and codes decode to
         self.name = "a layer"  # how warnings name the layer
 
