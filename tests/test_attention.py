@@ -64,13 +64,20 @@ CONFIGS = {
 }
 
 
+def fast_and_reference(model, config):
+    """A cache that attends to codes (rotated domain) and one forced onto the reference path
+    (update returns every state decoded; SDPA attends to them)."""
+    fast, reference = NexusQuantCache(config, model=model), NexusQuantCache(config, model=model)
+    for layer in reference.layers:
+        layer.route = None
+    return fast, reference
+
+
 def decode_both(model, config, ids, mask, steps=6, beams=False):
     """Logits of a prefill and ``steps`` single-token forwards through a cache that attends to
     codes (rotated domain) and one forced onto the reference path, and the two caches."""
     torch.manual_seed(0)
-    fast, reference = NexusQuantCache(config, model=model), NexusQuantCache(config, model=model)
-    for layer in reference.layers:
-        layer.route = None  # update returns every state decoded; SDPA attends to them
+    fast, reference = fast_and_reference(model, config)
     tokens = torch.randint(
         3, 97, (ids.shape[0] * (2 if beams else 1), steps), generator=torch.Generator().manual_seed(3)
     )
@@ -167,9 +174,7 @@ def test_a_model_switched_off_our_attention_gets_every_state():
     cache that never attended to codes (the window alone would change its logits)."""
     model = biased_llama()
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
-    caches = [NexusQuantCache(NexusQuantConfig(**SMALL), model=model) for _ in range(2)]
-    for layer in caches[1].layers:
-        layer.route = None
+    caches = fast_and_reference(model, NexusQuantConfig(**SMALL))
     logits = {"fast": [], "reference": []}
     with torch.no_grad():
         for name, cache in zip(logits, caches):
@@ -275,10 +280,7 @@ def test_another_instance_of_the_model_gets_every_state():
     other = biased_llama()
     other.load_state_dict(model.state_dict())
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(4))
-    config = NexusQuantConfig(**SMALL)
-    caches = [NexusQuantCache(config, model=model) for _ in range(2)]
-    for layer in caches[1].layers:
-        layer.route = None
+    caches = fast_and_reference(model, NexusQuantConfig(**SMALL))
     logits = {"fast": [], "reference": []}
     with torch.no_grad():
         for name, cache in zip(logits, caches):

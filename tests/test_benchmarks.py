@@ -10,14 +10,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` with ``args``; fails on a non-zero exit."""
+    command = [sys.executable, str(REPO / "benchmarks" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+
+
 def test_codec_benchmark_quick_run():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "codec.py"), "--quick", "--no-real"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = run_benchmark("codec.py", "--quick", "--no-real", timeout=300)
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     gaussian = {(r["dim"], r["method"], r["bits"]): r for r in records if r["part"] == "gaussian"}
     assert len(gaussian) == 12
@@ -31,26 +31,10 @@ def test_codec_benchmark_quick_run():
 
 @pytest.mark.real_model
 def test_cache_quality_benchmark_small_run():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "cache_quality.py"),
-            "--windows",
-            "1",
-            "--context",
-            "512",
-            "--score",
-            "64",
-            "--configs",
-            "K4V4 keep 0.5",
-            "hqq:4",
-            "--text",
-            "python-docs",  # a user's clone has no Austen folder
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
+    result = run_benchmark(
+        "cache_quality.py",
+        *("--windows", "1", "--context", "512", "--score", "64", "--configs", "K4V4 keep 0.5", "hqq:4"),
+        *("--text", "python-docs"),  # a user's clone has no Austen folder
     )
     records = {r["method"]: r for r in map(json.loads, (x for x in result.stdout.splitlines() if x.startswith("{")))}
     assert records["DynamicCache"]["ppl_change"] == 0 and records["DynamicCache"]["ratio"] == 1
@@ -80,17 +64,7 @@ def test_results_plot_draws_each_figure_from_the_records(tmp_path):
 
 @pytest.mark.real_model
 def test_prefill_memory_benchmark_small_run():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "prefill_memory.py"),
-            *("--context", "96", "--chunk", "32", "--text", "python-docs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    result = run_benchmark("prefill_memory.py", *("--context", "96", "--chunk", "32", "--text", "python-docs"))
     records = {r["variant"]: r for r in map(json.loads, (x for x in result.stdout.splitlines() if x.startswith("{")))}
     assert len(records) == 5 and all(r["chunk"] in (32, 96) for r in records.values())
     dynamic, ours = records["DynamicCache, chunked"], records["NexusQuantCache K4V4, chunked"]
@@ -101,17 +75,10 @@ def test_prefill_memory_benchmark_small_run():
 
 @pytest.mark.real_model
 def test_cache_speed_benchmark_small_run():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "cache_speed.py"),
-            *("--contexts", "256", "--methods", "dynamic", "nq:preset=compact", "--prefill-chunk", "128"),
-            *("--rounds", "1", "--steps", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
+    result = run_benchmark(
+        "cache_speed.py",
+        *("--contexts", "256", "--methods", "dynamic", "nq:preset=compact", "--prefill-chunk", "128"),
+        *("--rounds", "1", "--steps", "2"),
     )
     rows = {
         line.split("|")[1].strip(): line.split("|")[2:-1]
@@ -124,17 +91,8 @@ def test_cache_speed_benchmark_small_run():
     assert rows["NQ compact"][3].strip().endswith("x")  # a decode ratio to DynamicCache in the same run
 
 
+@pytest.mark.real_model
 def test_page_size_benchmark_small_run():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "page_size.py"),
-            *("--contexts", "400", "--page-tokens", "64", "--steps", "3"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    result = run_benchmark("page_size.py", *("--contexts", "400", "--page-tokens", "64", "--steps", "3"))
     row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 400 ")][0]
     assert int(row[2]) >= 3 and row[-1].strip().endswith("x")  # several pages, timed against one page

@@ -134,8 +134,8 @@ def _indices16(codes: list[Tensor]) -> Tensor:
 
 def _joined(codes: list[Tensor]) -> Tensor:
     """The pieces joined along T, flattened to [m, bytes] (no copy for one contiguous piece).
-    One ``cat``: joining straight into the widened int32 (``cat(out=)``) copies piece by piece
-    through temporaries, 1.4x slower on CPU."""
+    One ``cat``: joining straight into the widened int32 (``cat(out=)``) is slower on CPU, as
+    torch copies piece by piece through temporaries."""
     joined = codes[0] if len(codes) == 1 else torch.cat(codes, -2)
     return joined.reshape(-1, joined.shape[-1])
 
