@@ -31,6 +31,9 @@ CONFIGS = {
     "evict snapkv": NexusQuantConfig(key_bits=16, value_bits=16, keep_ratio=0.5, recent_window=4, block_size=2),
     "K4V2": NexusQuantConfig(key_bits=4, value_bits=2, recent_window=4, block_size=2),
     "K3V3 evict": NexusQuantConfig(key_bits=3, value_bits=3, keep_ratio=0.6, recent_window=4, block_size=3),
+    "K4V4 demote evict": NexusQuantConfig(
+        key_bits=4, value_bits=4, keep_ratio=0.6, full_bits_ratio=0.3, recent_window=4, block_size=2
+    ),
 }
 _MODELS = {}
 

@@ -277,8 +277,8 @@ def craft(saved, header_change=None, **metadata_changes):
 
 
 def test_another_format_version_is_refused(tmp_path, saved):
-    with pytest.raises(CacheFileError, match="format version '3'; this nexusquant-cache reads versions 1, 2"):
-        load_bytes(tmp_path, craft(saved, format_version="3"))
+    with pytest.raises(CacheFileError, match="format version '4'; this nexusquant-cache reads versions 1, 2, 3"):
+        load_bytes(tmp_path, craft(saved, format_version="4"))
     with pytest.raises(CacheFileError, match="format version None"):
         load_bytes(tmp_path, craft(saved, format_version=None))
     with pytest.raises(CacheFileError, match="a safetensors file but not a nexusquant-cache file"):
@@ -565,7 +565,7 @@ DATA = Path(__file__).parent / "data"
 
 def test_format_version_1_files_still_load():
     """A file the previous release wrote (centred keys, eviction; tests/data) loads, serves the
-    keys that release served, and goes on; saved again, it is a version 2 file."""
+    keys that release served, and goes on."""
     torch.manual_seed(0)
     model = tiny_llama().eval()
     ids = prompt(batch=2, length=40)
@@ -578,6 +578,27 @@ def test_format_version_1_files_still_load():
         stream.dtype = torch.float32
         served = torch.cat([stream.old_states(), stream.recent.float()], dim=-2)
         torch.testing.assert_close(served, expected[f"layer{index}"], atol=1e-6, rtol=0)
+    tokens, _ = continue_from(model, ids, loaded)
+    assert tokens.shape[1] == ids.shape[1] + QUESTION.shape[1] + 8
+
+
+def test_format_version_2_files_still_load(tmp_path):
+    """A file the release before tiers wrote (conditioned keys, K4V2, eviction; tests/data) loads,
+    serves the keys that release served, goes on, and saved again is a version 3 file."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = prompt(batch=2, length=40)
+    path = DATA / "format-v2-llama.nqc"
+    assert metadata(path.read_bytes())["format_version"] == "2"
+    loaded = NexusQuantCache.load(path, model=model, prompt_ids=ids)
+    expected = load_safetensors((DATA / "format-v2-llama-keys.safetensors").read_bytes())
+    for index, layer in enumerate(loaded.layers):
+        stream = layer.key_stream
+        stream.dtype = torch.float32
+        served = torch.cat([stream.old_states(), stream.recent.float()], dim=-2)
+        assert torch.equal(served, expected[f"layer{index}"])
+    loaded.save(tmp_path / "again.nqc")
+    assert metadata((tmp_path / "again.nqc").read_bytes())["format_version"] == "3"
     tokens, _ = continue_from(model, ids, loaded)
     assert tokens.shape[1] == ids.shape[1] + QUESTION.shape[1] + 8
 

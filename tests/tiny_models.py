@@ -10,7 +10,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from nexusquant_cache.codec import Encoded
+from nexusquant_cache.codec import Encoded, Tiered
 
 
 def tiny_llama():
@@ -75,7 +75,10 @@ def held_storage(cache) -> int:
         tensors = [layer.positions, layer.scores, layer.shift]
         for stream in (layer.key_stream, layer.value_stream):
             for page in stream.pages.pages:
-                tensors += [page.codes, page.scales] if isinstance(page, Encoded) else [page]
+                if isinstance(page, Tiered):
+                    tensors += [page.first.codes, page.scales, page.second, page.packed_full]
+                else:
+                    tensors += [page.codes, page.scales] if isinstance(page, Encoded) else [page]
             # key conditioning: offsets, scales, the sinks' exact keys, RoPE frequencies
             tensors += [stream.recent, *stream._conditioning_tensors().values()]
         for tensor in tensors:

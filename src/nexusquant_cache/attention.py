@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .codec import Encoded, decode_units, rotation_matrix
+from .codec import Encoded, Tiered, decode_units, rotation_matrix
 from .conditioning import KeyConditioning
 
 __all__ = ["Codes", "Scratch", "StoredKeys", "attend", "codes_of"]
@@ -72,15 +72,20 @@ class Codes:
     seed: int
 
 
-def codes_of(old: list[Encoded], scratch: Scratch, name: str) -> Codes:
+def codes_of(old: list[Encoded] | list[Tiered], scratch: Scratch, name: str) -> Codes:
     """Read the pages ``old`` (joined along the tokens) into ``scratch`` buffer ``name`` for one step's attention.
     The units are float32 whatever the model's dtype: at 4 bits they are biased integers up to 70,
     whose products with the query float16 or bfloat16 would round (or overflow) far more than
     the keys themselves do."""
     batch, heads, _, dim = old[0].shape
     tokens = sum(page.scales.shape[-1] for page in old)
-    out = scratch.take(name, (batch, heads, tokens, dim), torch.float32, old[0].codes.device)
-    units, factor, bias = decode_units(old, torch.float32, out)
+    out = scratch.take(name, (batch, heads, tokens, dim), torch.float32, old[0].scales.device)
+    if isinstance(old[0], Tiered):
+        tiered = old[0] if len(old) == 1 else Tiered.concat(old)
+        second = scratch.take(f"{name}.second", (len(tiered.second), dim), torch.float32, out.device)
+        units, factor, bias = tiered.units(out, second)
+    else:
+        units, factor, bias = decode_units(old, torch.float32, out)
     return Codes(units, factor, bias, old[0].seed)
 
 

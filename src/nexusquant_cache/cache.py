@@ -68,7 +68,7 @@ class NexusQuantCache(Cache):
         if not isinstance(config, NexusQuantConfig):
             raise TypeError(f"`config` must be a NexusQuantConfig but got {type(config).__name__}")
         self.config = config
-        wants_queries = config.evicts and config.scorer in ATTENTION_SCORERS
+        wants_queries = config.ranks and config.scorer in ATTENTION_SCORERS
         # Query capture needs the model; a failed switch is known only once tried (below).
         scorer = config.scorer if model is not None or not wants_queries else "keynorm"
         if scorer != config.scorer:
@@ -152,7 +152,7 @@ class NexusQuantCache(Cache):
 
     def _lose_queries(self, why: str) -> None:
         """Without the model's queries: attention scorers fall back to 'keynorm', as without a model."""
-        if self.scorer in ATTENTION_SCORERS and self.config.evicts:
+        if self.scorer in ATTENTION_SCORERS and self.config.ranks:
             warnings.warn(f"NexusQuantCache: {why}, so scorer {self.scorer!r} falls back to 'keynorm'", stacklevel=3)
             self.scorer = "keynorm"
         for layer in self.layers:
@@ -268,7 +268,7 @@ class NexusQuantCache(Cache):
                     f"but the model has {model_windows}"
                 )
         else:
-            fallback = config.evicts and config.scorer in ATTENTION_SCORERS
+            fallback = config.ranks and config.scorer in ATTENTION_SCORERS
             warnings.warn(
                 f"NexusQuantCache.load({str(path)!r}) without `model=`: the file is not checked against the "
                 "model that will use it"

@@ -50,6 +50,12 @@ class NexusQuantConfig:
         keep_ratio: fraction of the tokens seen that each full-attention layer keeps, in (0, 1];
             1 evicts nothing.
         token_budget: most tokens a full-attention layer keeps (None: no cap). Both limits apply.
+        full_bits_ratio: fraction of the tokens seen that a full-attention layer holds at its
+            full ``key_bits`` / ``value_bits``, in (0, 1]; the other kept tokens, ranked by
+            ``scorer`` as eviction ranks them, are *demoted*: a 4-bit E8 side drops the second
+            stage of their codes and holds them at 2 bits (not encoded again; tokens only move
+            down; sides at other bits are unchanged). 1 demotes nothing. The sinks and the
+            full-precision window count against it and are never demoted.
         sink_tokens: the first tokens of the text (by position) are never evicted.
         scorer: how tokens are ranked for eviction: ``"snapkv"`` (attention of the last
             ``observation_window`` queries of every forward, pooled; older votes fade over about
@@ -84,6 +90,7 @@ class NexusQuantConfig:
     seed: int = 0
     keep_ratio: float = 1.0
     token_budget: int | None = None
+    full_bits_ratio: float = 1.0
     sink_tokens: int = 4
     scorer: str = "snapkv"
     observation_window: int = 64
@@ -109,6 +116,15 @@ class NexusQuantConfig:
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"`keep_ratio` must be a number in (0, 1] but got {ratio!r}")
         object.__setattr__(self, "keep_ratio", float(ratio))
+        ratio = self.full_bits_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise ValueError(f"`full_bits_ratio` must be a number in (0, 1] but got {ratio!r}")
+        object.__setattr__(self, "full_bits_ratio", float(ratio))
+        if self.demotes and (self.method != "e8" or 4 not in (self.key_bits, self.value_bits)):
+            raise ValueError(
+                "`full_bits_ratio` < 1 demotes 4-bit E8 codes to 2 bits, but neither side is 4-bit e8 "
+                f"(key_bits={self.key_bits}, value_bits={self.value_bits}, method={self.method!r})"
+            )
         self._set_int("sink_tokens", minimum=0)
         self._set_int("observation_window", minimum=1)
         if self.token_budget is not None:
@@ -160,6 +176,20 @@ class NexusQuantConfig:
         """Whether any token is ever dropped."""
         return self.keep_ratio < 1 or self.token_budget is not None
 
+    @property
+    def demotes(self) -> bool:
+        """Whether tokens are ever demoted to 2 bits."""
+        return self.full_bits_ratio < 1
+
+    @property
+    def ranks(self) -> bool:
+        """Whether layers rank their tokens (to evict or to demote them)."""
+        return self.evicts or self.demotes
+
+    def full_bits_budget(self, seen: int) -> int:
+        """Tokens a full-attention layer may hold above 2 bits after ``seen`` tokens (window and sinks included)."""
+        return math.ceil(self.full_bits_ratio * seen)
+
     def budget(self, seen: int) -> int:
         """Tokens a full-attention layer may keep after ``seen`` tokens; never below what the
         sinks, the full-precision window and one block of tokens waiting to leave it occupy."""
@@ -180,7 +210,11 @@ class NexusQuantConfig:
     def for_layer(self, index: int, layers: int) -> "NexusQuantConfig":
         """The settings of layer ``index`` of ``layers``, overrides applied."""
         chosen = self.layer_overrides.get(index, self.layer_overrides.get(index - layers, {}))
-        return replace(self, layer_overrides={}, **chosen) if chosen else self
+        if not chosen:
+            return self
+        if 4 not in (chosen.get("key_bits", self.key_bits), chosen.get("value_bits", self.value_bits)):
+            chosen = {**chosen, "full_bits_ratio": 1.0}  # nothing of this layer's can be demoted
+        return replace(self, layer_overrides={}, **chosen)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "NexusQuantConfig":
@@ -233,7 +267,8 @@ def _frozen_overrides(config: NexusQuantConfig, overrides: object) -> Mapping:
         if unknown:
             raise ValueError(f"`layer_overrides[{index}]` may set only 'key_bits' and 'value_bits' but got {unknown}")
         try:
-            layer = replace(config, layer_overrides={}, **chosen)  # validates (and normalises) the values
+            # Validates (and normalises) the values; a layer with no 4-bit side demotes nothing (for_layer).
+            layer = replace(config, layer_overrides={}, full_bits_ratio=1.0, **chosen)
         except ValueError as error:
             raise ValueError(f"`layer_overrides[{index}]`: {error}") from None
         checked[index] = MappingProxyType({name: getattr(layer, name) for name in chosen})

@@ -321,7 +321,7 @@ def nexusquant_evict(
             patch = _PATCHED[id(model)] = [reference, own, 0]
             model.generate = generate
         patch[2] += 1
-    release = capture_queries(model) if config.evicts and config.scorer in ATTENTION_SCORERS else None
+    release = capture_queries(model) if config.ranks and config.scorer in ATTENTION_SCORERS else None
     _OPEN_BLOCKS.set((*_OPEN_BLOCKS.get(), (model, config, block)))
     try:
         yield model

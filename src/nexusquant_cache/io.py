@@ -41,9 +41,10 @@ __all__ = [
 ]
 
 FORMAT = "nexusquant-cache"
-FORMAT_VERSION = 2
-# Version 2 added key conditioning (layer.py); version 1 files (a plain key ``offset`` at most) still load.
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3
+# Version 2 added key conditioning (layer.py), version 3 tiered codes (a side's old part "tiered":
+# codec/tiers.py); files of versions 1 (a plain key ``offset`` at most) and 2 still load.
+READABLE_VERSIONS = ("1", "2", "3")
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(.+)")
 
 

@@ -5,9 +5,10 @@ bits) followed by a full-precision window of the newest tokens. ``update`` retur
 state plus the new ones, exactly what this forward's attention needs, and leaves the layer
 *unsettled*. The next access (the next forward's mask, ``update``, ``stats``) settles it first:
 tokens that left the window are scored, the lowest-ranked are evicted if the layer is over
-budget, and the survivors are encoded. So the current forward never sees its own tokens
+budget, and the survivors are encoded; with demotion (``full_bits_ratio``), the lowest-ranked
+old tokens over that budget then drop to 2 bits. So the current forward never sees its own tokens
 quantized or dropped, attention-based scores from this forward are in before eviction, and a
-token is encoded at most once (evicted tokens never are).
+token is encoded at most once (evicted tokens never are; demotion drops a stage, no encode).
 
 Decode steps (at most ``ROTATED_QUERIES`` tokens) of a model whose attention runs through ours
 skip the decoding: ``update`` returns only the window's states, and the attention function calls
@@ -30,7 +31,7 @@ from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
 from .attention import Codes, Scratch, StoredKeys, attend, codes_of
-from .codec import SUPPORTED_DTYPES, Encoded, decode, encode
+from .codec import SUPPORTED_DTYPES, Encoded, Tiered, decode, encode
 from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
 from .pages import Pages, concat, length, take
@@ -72,9 +73,17 @@ class KVStream:
     tokens still sees them exact; a value beyond float16's range keeps the window at full width.
     At 16 bits nothing is rounded."""
 
-    def __init__(self, bits: int, config: NexusQuantConfig, conditioned: bool = False, exact_tokens: int = 0):
+    def __init__(
+        self,
+        bits: int,
+        config: NexusQuantConfig,
+        conditioned: bool = False,
+        exact_tokens: int = 0,
+        tiered: bool = False,
+    ):
         self.bits = bits
         self.config = config
+        self.tiered = tiered and bits == 4  # old tokens held as a Tiered: each at 4 bits or demoted to 2
         self.conditioned = conditioned and bits < 16
         self.exact_tokens = exact_tokens if self.conditioned else 0
         self.pages = Pages()  # the old tokens
@@ -102,7 +111,7 @@ class KVStream:
         return self.pages.length
 
     def _holds_codes(self) -> bool:
-        return bool(self.pages.pages) and isinstance(self.pages.pages[0], Encoded)
+        return bool(self.pages.pages) and _is_codes(self.pages.pages[0])
 
     @property
     def wants_queries(self) -> bool:
@@ -157,12 +166,12 @@ class KVStream:
     def old_states(self) -> Tensor:
         """The old tokens [B, H, T_old, d] as attention sees them, in the model's dtype."""
         old = self.old
-        return self._decode(old, None) if isinstance(old, Encoded) else old.to(self.dtype)
+        return self._decode(old, None) if _is_codes(old) else old.to(self.dtype)
 
-    def _decode(self, old: Encoded, index: Tensor | None) -> Tensor:
+    def _decode(self, old: Encoded | Tiered, index: Tensor | None) -> Tensor:
         """States of the old tokens ``old`` (all of them, or those at ``index`` [B, H, K] when
         gathered), in the model's dtype: conditioning undone, exact tokens put back."""
-        states = decode(old)
+        states = old.decode() if isinstance(old, Tiered) else decode(old)
         if self.conditioning is not None:
             positions = self._old_positions()
             if index is not None and self.conditioning.rope is not None:
@@ -265,7 +274,7 @@ class KVStream:
         if old_length:
             inside = index.clamp(max=old_length - 1)
             old = take(self.old, inside)
-            old = self._decode(old, inside) if isinstance(old, Encoded) else old.to(self.dtype)
+            old = self._decode(old, inside) if _is_codes(old) else old.to(self.dtype)
             states = old if states is None else torch.where((index < old_length)[..., None], old, states)
         return states
 
@@ -309,7 +318,13 @@ class KVStream:
                 return window.clone()  # as the window held it: widening float16 to float32 would gain nothing
         if self.conditioning is not None:
             states = self.conditioning.forward(states, positions)
-        return encode(states, self.bits, self.config.method, self.config.seed)
+        encoded = encode(states, self.bits, self.config.method, self.config.seed)
+        return Tiered.of(encoded) if self.tiered else encoded
+
+    def demote(self, mask: Tensor) -> None:
+        """Hold the old tokens where ``mask`` [B, H, T_old] is set at 2 bits (a Tiered side's; others keep theirs)."""
+        if self.tiered and self._holds_codes():
+            self.pages = Pages.of(concat(self.pages.pages).demote(mask), self.pages.size)
 
     def _fit(self, states: Tensor, positions: Tensor | None) -> None:
         """Fit the conditioning on the first tokens encoded and run the guard where queries were seen."""
@@ -368,12 +383,16 @@ class KVStream:
     def nbytes(self) -> dict[str, int]:
         parts = {"codes": 0, "scales": 0, "window": _bytes(self.recent), "metadata": 0}
         old = self.pages.pages
-        if self._holds_codes():
+        if self._holds_codes() and self.tiered:
+            parts["codes"] = sum(_bytes(page.first.codes) + _bytes(page.second) for page in old)
+            parts["scales"] = sum(_bytes(page.scales) for page in old)
+            parts["metadata"] += sum(_bytes(page.packed_full) for page in old)  # which tokens are at 4 bits
+        elif self._holds_codes():
             parts["codes"] = sum(_bytes(page.codes) for page in old)
             parts["scales"] = sum(_bytes(page.scales) for page in old)
         else:
             parts["window"] += sum(_bytes(page) for page in old)  # 16-bit old tokens are full precision too
-        parts["metadata"] = sum(_bytes(tensor) for tensor in self._conditioning_tensors().values())
+        parts["metadata"] += sum(_bytes(tensor) for tensor in self._conditioning_tensors().values())
         return parts
 
     def numel(self, tokens: int) -> int:
@@ -398,7 +417,8 @@ class KVStream:
         return self.rope if self.conditioned and self.bits < 16 else None
 
     def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
-        """Every tensor held, by name (``codes``/``scales`` or ``old``, ``recent``, and the
+        """Every tensor held, by name (``codes``/``scales`` (and ``second``/``full`` when tiered)
+        or ``old``, ``recent``, and the
         conditioning's ``offset``, ``scale``, ``exact``, ``exact_index``, ``rope_inv_freq``,
         ``queries``), and what :meth:`restore` needs besides them."""
         tensors = {"recent": self.recent, **self._conditioning_tensors()}
@@ -408,10 +428,14 @@ class KVStream:
         if self.logit_error is not None:
             state["logit_error"] = self.logit_error
         old = self.old
-        if isinstance(old, Encoded):
-            tensors |= {"codes": old.codes, "scales": old.scales}
-            state |= {"old": "codes", "method": old.method.value, "seed": old.seed}
-            state["dtype"] = str(old.dtype).removeprefix("torch.")
+        if _is_codes(old):
+            tiered = isinstance(old, Tiered)
+            codes = old.first if tiered else old  # a Tiered's first stages are a 2-bit Encoded
+            tensors |= {"codes": codes.codes, "scales": codes.scales}
+            if tiered:
+                tensors |= {"second": old.second, "full": old.packed_full}
+            state |= {"old": "tiered" if tiered else "codes", "method": codes.method.value, "seed": codes.seed}
+            state["dtype"] = str(codes.dtype).removeprefix("torch.")
         elif self.old_length:  # an empty 16-bit part is the same as none
             tensors["old"] = old
             state["old"] = "states"
@@ -430,8 +454,13 @@ class KVStream:
                 f"{self.bits} bits"
             )
         kind = state.get("old")
-        if kind not in _OLD_TENSORS or (guarded and kind == "codes"):
+        if kind not in _OLD_TENSORS or (guarded and kind in ("codes", "tiered")):
             raise ValueError(f"old part {kind!r} is none of {list(_OLD_TENSORS)} (a guarded side holds no codes)")
+        if kind in ("codes", "tiered") and (kind == "tiered") != self.tiered:
+            raise ValueError(
+                f"holds {'tiered' if kind == 'tiered' else 'plain'} codes but the config "
+                f"{'demotes' if self.tiered else 'does not demote'} this side's tokens (full_bits_ratio)"
+            )
         version_1 = "conditioned" not in state
         conditioned = "offset" in tensors if version_1 else state["conditioned"]
         rope_scaling = None if version_1 else state.get("rope_scaling")
@@ -439,7 +468,7 @@ class KVStream:
             raise ValueError(f"holds key conditioning ({conditioned!r}, RoPE {rope_scaling!r}) that this side has not")
         if guarded and (conditioned or rope_scaling is not None):
             raise ValueError("a guarded side holds no conditioning")
-        if kind == "codes" and self.conditioned and not conditioned:
+        if kind in ("codes", "tiered") and self.conditioned and not conditioned:
             # Its first encode fits the conditioning; codes without one would be decoded with the next fit's.
             raise ValueError("holds codes but no key conditioning, which this side's config fits before encoding")
         expected = {"recent", *_OLD_TENSORS[kind]}
@@ -463,7 +492,7 @@ class KVStream:
             raise ValueError(f"recent must be a floating [batch, heads, tokens, dim] tensor, not {_describe(recent)}")
         batch, heads, _, dim = recent.shape
         old = None
-        if kind == "codes":
+        if kind in ("codes", "tiered"):
             if (state.get("method"), state.get("seed")) != (self.config.method, self.config.seed):
                 raise ValueError(
                     f"codes were written with method {state.get('method')!r} and seed {state.get('seed')!r} "
@@ -472,10 +501,14 @@ class KVStream:
             dtype = _DTYPES.get(state.get("dtype")) if isinstance(state.get("dtype"), str) else None
             if dtype is None:
                 raise ValueError(f"codes decode to dtype {state.get('dtype')!r}, none of {list(_DTYPES)}")
-            old = Encoded(tensors["codes"], tensors["scales"], self.bits, self.config.method, self.config.seed, dtype)
+            bits = 2 if kind == "tiered" else self.bits  # a Tiered's codes are its first stages
+            old = Encoded(tensors["codes"], tensors["scales"], bits, self.config.method, self.config.seed, dtype)
             if old.scales.dim() != 3 or old.shape[:2] != (batch, heads) or old.dim != dim:
                 raise ValueError(f"codes decode to {list(old.shape)}, which does not fit recent {list(recent.shape)}")
-            old.check_values()
+            if kind == "tiered":
+                old = Tiered.checked(old, tensors["full"], tensors["second"])
+            else:
+                old.check_values()
         elif kind == "states":
             old = tensors["old"]
             if state["bits"] != 16 or old.dim() != 4 or old.shape[:2] != (batch, heads) or old.shape[-1] != dim:
@@ -545,9 +578,13 @@ def _restore_rope(inv_freq: Tensor | None, scaling, dim: int) -> Rope | None:
     return Rope(inv_freq, float(scaling))
 
 
-def _arange_like(x: Encoded | Tensor, start: int) -> Tensor:
+def _is_codes(old: object) -> bool:
+    return isinstance(old, (Encoded, Tiered))
+
+
+def _arange_like(x: Encoded | Tiered | Tensor, start: int) -> Tensor:
     """Token indices start..T_old-1 for every batch row and head of ``x``, as [B, H, T_old - start]."""
-    scales = x.scales if isinstance(x, Encoded) else x[..., 0]
+    scales = x[..., 0] if isinstance(x, Tensor) else x.scales
     index = torch.arange(start, scales.shape[-1], device=scales.device)
     return index.expand(*scales.shape[:-1], -1)
 
@@ -582,7 +619,12 @@ def _bytes(tensor: Tensor | None) -> int:
 
 
 # A stream's exported old part: kind -> its tensors (see KVStream.state_tensors).
-_OLD_TENSORS = {None: (), "codes": ("codes", "scales"), "states": ("old",)}
+_OLD_TENSORS = {
+    None: (),
+    "codes": ("codes", "scales"),
+    "tiered": ("codes", "scales", "second", "full"),  # a Tiered: first stages, second stages, tier mask
+    "states": ("old",),
+}
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
 _STATE_DTYPES = SUPPORTED_DTYPES  # what a file may hold states in: float8 would lose precision silently
 # Far beyond what a model's keys, queries or fitted channel scales reach (key offsets are tens to
@@ -666,6 +708,8 @@ class NexusQuantLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.evicts = config.evicts and not self.is_sliding
+        self.demotes = config.demotes and not self.is_sliding
+        self.ranks = self.evicts or self.demotes  # scores its tokens
         self.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -678,13 +722,13 @@ class NexusQuantLayer(CacheLayerMixin):
         # Keys are conditioned unless the config turns it off; sliding layers have no sinks to keep.
         conditioned = self.config.center_keys is not False
         sinks = 0 if self.is_sliding else self.config.sink_tokens
-        self.key_stream = KVStream(self.config.key_bits, self.config, conditioned, sinks)
+        self.key_stream = KVStream(self.config.key_bits, self.config, conditioned, sinks, self.demotes)
         self.key_stream.rope, self.key_stream.positions = self.rope, _StoredPositions(self)
         if self.index is not None:
             self.key_stream.name = f"layer {self.index}"
-        self.value_stream = KVStream(self.config.value_bits, self.config)
+        self.value_stream = KVStream(self.config.value_bits, self.config, tiered=self.demotes)
         self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
-        # float16 [B, H, T_stored], only when evicting by score (streaming ranks by position)
+        # float16 [B, H, T_stored], only when evicting or demoting by score (streaming ranks by position)
         self.scores: Tensor | None = None
         self.shift: Tensor | None = None  # int64 [B, 1]: position minus index of the tokens, when not evicting
         self._shift_pending = False  # some row has shown only padding so far
@@ -714,9 +758,12 @@ class NexusQuantLayer(CacheLayerMixin):
         self.settle()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.evicts:
+        if self.ranks:
             self._record(key_states, kwargs)
-        elif self.key_stream._needs_positions() and (self.shift is None or self._shift_pending):
+        # Without eviction, positions follow from a shift per row: needed by the sinks, RoPE-aware
+        # conditioning and demotion's ranking (which keeps the sinks and sees the padding).
+        needs_shift = self.demotes or self.key_stream._needs_positions()
+        if not self.evicts and needs_shift and (self.shift is None or self._shift_pending):
             self.shift = _shift(self.shift, key_states, self.seen, kwargs)
             self._shift_pending = bool((self.shift == UNKNOWN_SHIFT).any())
         self.seen += key_states.shape[-2]
@@ -733,7 +780,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self._unsettled = True
         self._handed = keys if rotated else None
         self._checking = keys if eligible and not rotated else None
-        scoring = self.evicts and self.scorer in ATTENTION_SCORERS
+        scoring = self.ranks and self.scorer in ATTENTION_SCORERS
         if eligible or scoring or (self.sees_queries and self.key_stream.wants_queries):
             PENDING_LAYER.set((self, keys))  # the attention function takes it right away
         return keys, values
@@ -764,12 +811,14 @@ class NexusQuantLayer(CacheLayerMixin):
         return out
 
     def _record(self, key_states: Tensor, kwargs: dict) -> None:
+        """Record the new tokens' positions (when evicting: stored tokens then differ per head) and scores."""
         batch, heads, length, _ = key_states.shape
-        if self.seen + length >= 2**31:
-            raise ValueError("an evicting NexusQuantCache holds positions as int32: at most 2^31 - 1 tokens")
-        positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
-        positions = positions[:, None].expand(batch, heads, length).contiguous()  # per head once evicting
-        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        if self.evicts:
+            if self.seen + length >= 2**31:
+                raise ValueError("an evicting NexusQuantCache holds positions as int32: at most 2^31 - 1 tokens")
+            positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
+            positions = positions[:, None].expand(batch, heads, length).contiguous()  # per head once evicting
+            self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
         if self.scorer == "streaming":
             return
         if self.scorer == "keynorm":
@@ -781,7 +830,7 @@ class NexusQuantLayer(CacheLayerMixin):
     def _queries_stopped(self) -> None:
         """The model's attention no longer hands this layer its queries (its implementation was
         changed while the cache lives): say so and rank by key norm rather than on stale scores."""
-        if self.evicts and self.scorer in ATTENTION_SCORERS:
+        if self.ranks and self.scorer in ATTENTION_SCORERS:
             warnings.warn(
                 "NexusQuantCache: the model's attention stopped handing its queries to the cache (was its "
                 f"attention implementation changed?); {self.scorer!r} falls back to 'keynorm'",
@@ -809,7 +858,7 @@ class NexusQuantLayer(CacheLayerMixin):
         if stream.wants_queries:  # the latest queries, for the first encode's conditioning and guard
             latest = query if stream.queries is None else torch.cat([stream.queries, query], -2)
             stream.queries = latest[..., -self.config.observation_window :, :].clone()
-        if not self.evicts or self.scorer not in ATTENTION_SCORERS:
+        if not self.ranks or self.scorer not in ATTENTION_SCORERS:
             return
         length = query.shape[-2]
         if self.scorer == "snapkv":
@@ -856,6 +905,23 @@ class NexusQuantLayer(CacheLayerMixin):
         if keep is not None:
             self.positions = _keep(self.positions, keep, candidates)
             self.scores = _keep(self.scores, keep, candidates)
+        if self.demotes and leaving:
+            self._demote()
+
+    def _demote(self) -> None:
+        """Hold the lowest-ranked old tokens at 2 bits, so that at most ``full_bits_budget`` tokens
+        (window and sinks included) stay above; the same tokens in every KV side that can drop a stage."""
+        old_length = self.key_stream.old_length
+        full = max(self.config.full_bits_budget(self.seen) - self.key_stream.recent.shape[-2], 0)
+        if old_length <= full:
+            return
+        batch, heads = self.key_stream.recent.shape[:2]
+        positions = self._stored_positions(0, old_length).expand(batch, heads, -1)
+        ranking = positions if self.scores is None else self.scores[..., :old_length]
+        kept = select_kept(ranking, positions, full, self.config.sink_tokens)
+        demoted = torch.ones_like(positions, dtype=torch.bool).scatter_(-1, kept, False)
+        self.key_stream.demote(demoted)
+        self.value_stream.demote(demoted)
 
     def _merge(self, keep: Tensor, candidates: int, leaving: int) -> None:
         """Fold each evicted token into the most similar kept token that leaves the window now
@@ -981,7 +1047,7 @@ class NexusQuantLayer(CacheLayerMixin):
             bound = "at most " if self.evicts else ""
             raise ValueError(f"holds {stored} tokens after {seen} seen; this layer holds {bound}{expected}")
         # Eviction ranks by positions and, unless streaming, scores: one per stored token.
-        wanted = {"positions": self.evicts, "scores": self.evicts and self.scorer != "streaming"}
+        wanted = {"positions": self.evicts, "scores": self.ranks and self.scorer != "streaming"}
         allowed = {*(name for name, needed in wanted.items() if needed), *(() if self.evicts else ("shift",))}
         unexpected = {name for name in tensors if not name.startswith(("keys.", "values.")) and name not in allowed}
         if unexpected:

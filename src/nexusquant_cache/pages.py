@@ -1,7 +1,8 @@
 """Old tokens of a layer's keys or values, held in fixed-size pages of tokens.
 
 A stream's old tokens are rows along dim 2 of [B, H, T, ...] tensors: an :class:`Encoded`
-(codes and scales, paged together) or full-precision states at 16 bits. :class:`Pages` holds
+(codes and scales, paged together), a :class:`Tiered` (codes at two precisions) or
+full-precision states at 16 bits. :class:`Pages` holds
 them as full pages of ``size`` tokens then one last page exactly as long as what it holds. Adding
 a block rewrites only that last page, so settling costs O(page + block) whatever the context,
 and no byte is allocated beyond the tokens held (``stats()`` counts every one).
@@ -11,7 +12,7 @@ reads every token's score) and lays the survivors out in pages again. A step's a
 the pages through :func:`~nexusquant_cache.codec.decode_units`, which joins them: one copy of
 the codes per step when there are several, hence the large default page (``PAGE_TOKENS``).
 
-Plain torch and the codec's :class:`Encoded`; knows nothing of transformers.
+Plain torch and the codec's :class:`Encoded` and :class:`Tiered`; knows nothing of transformers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .codec import Encoded
+from .codec.tiers import Tiered
 
 __all__ = ["PAGE_TOKENS", "Pages", "Rows", "take", "concat", "length"]
 
@@ -34,7 +36,7 @@ __all__ = ["PAGE_TOKENS", "Pages", "Rows", "take", "concat", "length"]
 # A kernel reading pages in place (a GPU engine's block table) would take small pages.
 PAGE_TOKENS = 1 << 16
 
-Rows = Encoded | Tensor
+Rows = Encoded | Tiered | Tensor
 
 
 class Pages:
@@ -59,7 +61,7 @@ class Pages:
         count = length(rows)
         if not count:
             return
-        if self.pages and not isinstance(rows, Encoded) and rows.dtype != self.pages[0].dtype:
+        if self.pages and isinstance(rows, Tensor) and rows.dtype != self.pages[0].dtype:
             # States widened (a window beyond float16's range): every page takes the wider dtype,
             # as one tensor would, so what is held does not depend on the page size.
             wider = torch.promote_types(rows.dtype, self.pages[0].dtype)
@@ -92,6 +94,8 @@ def _slice(rows: Rows, start: int, stop: int) -> Rows:
 
 
 def _map(rows: Rows, fn: Callable[[Tensor], Tensor]) -> Rows:
+    if isinstance(rows, Tiered):
+        return rows.map(fn)
     if isinstance(rows, Encoded):
         return dataclasses.replace(rows, codes=fn(rows.codes), scales=fn(rows.scales))
     return fn(rows)
@@ -101,6 +105,8 @@ def take(rows: Rows | None, index: Tensor) -> Rows | None:
     """Gather tokens (dim 2) per batch row and head: index [B, H, K]."""
     if rows is None:
         return None
+    if isinstance(rows, Tiered):
+        return rows.take(index)
     if isinstance(rows, Encoded):
         return dataclasses.replace(rows, codes=take(rows.codes, index), scales=torch.gather(rows.scales, 2, index))
     return torch.gather(rows, 2, index[..., None].expand(*index.shape, rows.shape[-1]))
@@ -109,7 +115,7 @@ def take(rows: Rows | None, index: Tensor) -> Rows | None:
 def length(rows: Rows | None) -> int:
     if rows is None:
         return 0
-    return rows.scales.shape[-1] if isinstance(rows, Encoded) else rows.shape[-2]
+    return rows.shape[-2] if isinstance(rows, Tensor) else rows.scales.shape[-1]
 
 
 def concat(parts: list[Rows | None]) -> Rows | None:
@@ -117,6 +123,8 @@ def concat(parts: list[Rows | None]) -> Rows | None:
     parts = [part for part in parts if length(part)]
     if len(parts) <= 1:
         return parts[0] if parts else None
+    if isinstance(parts[0], Tiered):
+        return Tiered.concat(parts)
     if isinstance(parts[0], Encoded):
         return dataclasses.replace(
             parts[0],

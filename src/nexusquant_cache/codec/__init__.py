@@ -22,6 +22,7 @@ _HOMES = {
     "E8Quantizer": "quantizers",
     "ScalarQuantizer": "quantizers",
     "lloyd_max_levels": "quantizers",
+    "Tiered": "tiers",
     "rotate": "rotation",
     "rotation_matrix": "rotation",
     "unrotate": "rotation",
