@@ -174,26 +174,72 @@ def test_codes_at_two_tiers_attend_as_the_reference_path(name, settings):
     assert any(not bool(layer.key_stream.old.full.all()) for layer in fast.layers if layer.demotes)
 
 
+@pytest.mark.parametrize("scorer", ["snapkv", "h2o", "keynorm"])
 @pytest.mark.parametrize("keep_ratio", [1.0, 0.6])
-def test_a_layer_holds_at_most_its_budget_at_4_bits_and_demotes_the_lowest_ranked(keep_ratio, monkeypatch):
+def test_a_layer_holds_its_budget_at_4_bits_through_a_long_decode(scorer, keep_ratio, monkeypatch):
+    """Exactly ``full_bits_budget`` tokens (less the window) stay at 4 bits after every settle,
+    in keys and values alike: tokens already demoted take no place among them (they rank last),
+    and the sinks are never demoted."""
     monkeypatch.setattr(pages, "PAGE_TOKENS", 3)
     torch.manual_seed(0)
     model = tiny_llama().eval()
-    config = NexusQuantConfig(key_bits=4, value_bits=4, full_bits_ratio=0.3, keep_ratio=keep_ratio, **DEMOTE)
+    config = NexusQuantConfig(
+        key_bits=4, value_bits=4, full_bits_ratio=0.3, keep_ratio=keep_ratio, scorer=scorer, **DEMOTE
+    )
+    cache = NexusQuantCache(config, model=model)
+    ids = prompt(batch=2, length=30)
+    tokens = torch.randint(3, 97, (2, 60), generator=torch.Generator().manual_seed(2))
+    checked = old_length = 0
+    with torch.no_grad():
+        model(ids, cache=cache)
+        for step in range(tokens.shape[1]):
+            model(tokens[:, step : step + 1], cache=cache)
+            layer = cache.layers[1]
+            layer.settle()
+            keys, values = layer.key_stream, layer.value_stream
+            if keys.old_length == old_length:
+                continue  # nothing left the window: nothing is demoted
+            old_length = keys.old_length
+            above = keys.above_2_bits()
+            assert torch.equal(above, values.above_2_bits())
+            allowed = max(config.full_bits_budget(layer.seen) - keys.recent.shape[-2], config.sink_tokens)
+            assert (above.sum(-1) == min(allowed, keys.old_length)).all(), step
+            positions = layer._stored_positions(0, keys.old_length).expand_as(above)
+            assert above[(positions >= 0) & (positions < config.sink_tokens)].all()
+            checked += 1
+    assert checked >= 10
+    assert cache.stats()["bytes"]["total"] == held_storage(cache)
+
+
+def test_a_short_prompt_never_demotes_its_sinks():
+    """The budget less the window can be below the sink count early on: the sinks stay at 4 bits."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = NexusQuantConfig(key_bits=4, value_bits=2, full_bits_ratio=0.1, recent_window=8, block_size=4)
     cache = NexusQuantCache(config, model=model)
     with torch.no_grad():
-        model(prompt(batch=2, length=60), cache=cache)
-        model(prompt(batch=2, length=8, seed=2), cache=cache)
+        model(prompt(batch=1, length=20), cache=cache)
+    cache.stats()
     for layer in cache.layers:
-        layer.settle()
-        keys, values = layer.key_stream, layer.value_stream
-        full = keys.old.full
-        assert torch.equal(full, values.old.full)  # the same tokens in keys and values
-        allowed = config.full_bits_budget(layer.seen) - keys.recent.shape[-2]
-        assert (full.sum(-1) <= allowed).all() and (full.sum(-1) >= allowed - config.block_size).all()
-        positions = layer._stored_positions(0, keys.old_length).expand_as(full)
-        assert full[positions < config.sink_tokens].all()  # sinks are never demoted
-    assert cache.stats()["bytes"]["total"] == held_storage(cache)
+        above = layer.key_stream.above_2_bits()[0, 0]
+        assert above[: config.sink_tokens].all() and not above[config.sink_tokens :].any()
+
+
+def test_left_padding_is_demoted_first():
+    """Padding sits below position 0 (a shift per row); it ranks last, whatever its key norm."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = NexusQuantConfig(key_bits=4, value_bits=4, full_bits_ratio=0.5, scorer="keynorm", **DEMOTE)
+    cache = NexusQuantCache(config, model=model)
+    ids = prompt(batch=2, length=40)
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache)
+    cache.stats()
+    for layer in cache.layers:
+        above = layer.key_stream.above_2_bits()
+        assert not above[1, :, :12].any() and above[0, :, :12].any()
 
 
 def test_a_demoting_cache_saves_and_loads_and_refuses_a_config_that_does_not_match(tmp_path):

@@ -321,6 +321,10 @@ class KVStream:
         encoded = encode(states, self.bits, self.config.method, self.config.seed)
         return Tiered.of(encoded) if self.tiered else encoded
 
+    def above_2_bits(self) -> Tensor:
+        """bool [B, H, T_old]: which old tokens of a Tiered side still hold their second stage."""
+        return torch.cat([page.full for page in self.pages.pages], -1)
+
     def demote(self, mask: Tensor) -> None:
         """Hold the old tokens where ``mask`` [B, H, T_old] is set at 2 bits (a Tiered side's; others keep theirs)."""
         if self.tiered and self._holds_codes():
@@ -909,19 +913,25 @@ class NexusQuantLayer(CacheLayerMixin):
             self._demote()
 
     def _demote(self) -> None:
-        """Hold the lowest-ranked old tokens at 2 bits, so that at most ``full_bits_budget`` tokens
-        (window and sinks included) stay above; the same tokens in every KV side that can drop a stage."""
-        old_length = self.key_stream.old_length
-        full = max(self.config.full_bits_budget(self.seen) - self.key_stream.recent.shape[-2], 0)
-        if old_length <= full:
+        """Demote the lowest-ranked tokens still above 2 bits until at most ``full_bits_budget``
+        tokens (the window included, never fewer than the sinks, which are never demoted) stay
+        above; the same tokens in every side that can drop a stage. Tokens already demoted rank
+        last: they cannot come back, so they take no place among those kept."""
+        tiered = [stream for stream in (self.key_stream, self.value_stream) if stream.tiered and stream._holds_codes()]
+        if not tiered:
             return
-        batch, heads = self.key_stream.recent.shape[:2]
-        positions = self._stored_positions(0, old_length).expand(batch, heads, -1)
-        ranking = positions if self.scores is None else self.scores[..., :old_length]
-        kept = select_kept(ranking, positions, full, self.config.sink_tokens)
-        demoted = torch.ones_like(positions, dtype=torch.bool).scatter_(-1, kept, False)
-        self.key_stream.demote(demoted)
-        self.value_stream.demote(demoted)
+        above = tiered[0].above_2_bits()
+        allowed = max(self.config.full_bits_budget(self.seen) - tiered[0].recent.shape[-2], self.config.sink_tokens)
+        if (above.sum(-1) <= allowed).all():
+            return
+        old_length = above.shape[-1]
+        positions = self._stored_positions(0, old_length).expand_as(above)
+        positions = positions.masked_fill(positions < 0, PAD)  # left padding (shifted below 0) ranks last
+        ranking = (positions if self.scores is None else self.scores[..., :old_length]).float()
+        kept = select_kept(ranking.masked_fill(~above, float("-inf")), positions, allowed, self.config.sink_tokens)
+        demoted = torch.ones_like(above).scatter_(-1, kept, False)
+        for stream in tiered:
+            stream.demote(demoted)
 
     def _merge(self, keep: Tensor, candidates: int, leaving: int) -> None:
         """Fold each evicted token into the most similar kept token that leaves the window now
