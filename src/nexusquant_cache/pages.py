@@ -1,11 +1,11 @@
 """Old tokens of a layer's keys or values, held in fixed-size pages of tokens.
 
 A stream's old tokens are rows along dim 2 of [B, H, T, ...] tensors: an :class:`Encoded`
-(codes and scales, paged together), a :class:`Tiered` (codes at two precisions) or
-full-precision states at 16 bits. :class:`Pages` holds
-them as full pages of ``size`` tokens then one last page exactly as long as what it holds. Adding
-a block rewrites only that last page, so settling costs O(page + block) whatever the context,
-and no byte is allocated beyond the tokens held (``stats()`` counts every one).
+(codes and scales, paged together), a :class:`Tiered` (codes at two precisions) or full-precision
+states at 16 bits. :class:`Pages` holds them as full pages of ``size`` tokens then one last page
+exactly as long as what it holds. Adding a block rewrites only that last page, so settling costs
+O(page + block) whatever the context, and no byte is allocated beyond the tokens held
+(``stats()`` counts every one).
 
 Eviction keeps a different set of tokens per head, so it gathers every page once (as its ranking
 reads every token's score) and lays the survivors out in pages again. A step's attention reads
@@ -23,8 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .codec import Encoded
-from .codec.tiers import Tiered
+from .codec import Encoded, Tiered
 
 __all__ = ["PAGE_TOKENS", "Pages", "Rows", "take", "concat", "length"]
 
