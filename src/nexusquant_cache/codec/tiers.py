@@ -106,9 +106,6 @@ class Tiered:
     def nbytes(self) -> int:
         return self.first.nbytes + _bytes(self.second) + _bytes(self.packed_full)
 
-    def to(self, device: torch.device | str) -> "Tiered":
-        return Tiered(self.first.to(device), self.packed_full.to(device), self.second.to(device))
-
     def units(self, out: Tensor, second_out: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
         """As :func:`~nexusquant_cache.codec.decode_units`: ``(units, factor, bias)`` with
         ``factor[..., None] * (units - bias)`` the rotated vectors; ``out`` [B, H, T, d] float32
