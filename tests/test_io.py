@@ -583,8 +583,9 @@ def test_format_version_1_files_still_load():
 
 
 def test_format_version_2_files_still_load(tmp_path):
-    """A file the release before tiers wrote (conditioned keys, K4V2, eviction; tests/data) loads,
-    serves the keys that release served, goes on, and saved again is a version 3 file."""
+    """A version 2 file (conditioned keys, K4V2, eviction; tests/data, written just before the bump
+    to version 3, in the layout every version 2 release wrote) loads, serves the keys it served
+    then, goes on, and saved again is a version 3 file."""
     torch.manual_seed(0)
     model = tiny_llama().eval()
     ids = prompt(batch=2, length=40)
