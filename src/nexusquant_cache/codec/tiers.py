@@ -31,7 +31,7 @@ from .rotation import unrotate
 
 __all__ = ["Tiered"]
 
-_UNIT = 0.125  # a 4-bit point is 0.125 * (4 * 2 c1 + 2 c2): doubled coordinates, integers
+_UNIT = 0.5  # the units are doubled coordinates: a 4-bit point is 0.5 * (2 c1 + 2 c2 / 4)
 _TINY = torch.finfo(torch.float32).tiny
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -113,12 +113,11 @@ class Tiered:
         book = quantizer("e8", 2)
         flat = out.view(-1, out.shape[-1])
         book.units([self.first.codes], flat)  # 2 c1
-        flat.mul_(4)
         rows = self.full.view(-1).nonzero().squeeze(1)
         if len(rows):
             extra = torch.empty_like(flat[: len(rows)]) if second_out is None else second_out[: len(rows)]
             book.units([self.second], extra)  # 2 c2
-            flat.index_add_(0, rows, extra)
+            flat.index_add_(0, rows, extra, alpha=0.25)  # 2 c1 + 2 c2 / 4 = 2 c: multiples of 1/4, exact
         return out, self.first.scales.float().mul_(_UNIT), 0.0
 
     def decode(self) -> Tensor:
