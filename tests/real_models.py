@@ -16,3 +16,18 @@ def teacher_forced(model, ids, cache, prefix: int):
 def mean_kl(reference, logprobs) -> float:
     """Mean KL divergence of the next-token distributions ``logprobs`` from ``reference``."""
     return (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+
+
+def check_target_ratio(model, ids, target: float) -> dict:
+    """Prefill ``ids`` through a K4V2 cache with ``target_ratio``: right after the prompt's blocks
+    are encoded the whole cache holds at most 1/target of a 16-bit cache's bytes, within 2%."""
+    from nexusquant_cache import NexusQuantCache, NexusQuantConfig
+
+    cache = NexusQuantCache(NexusQuantConfig.preset("compact", target_ratio=target), model=model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    stats = cache.stats()
+    assert stats["tokens_stored"] < stats["tokens_seen"]
+    assert stats["bytes"]["total"] <= stats["baseline_bytes"] / target
+    assert abs(stats["ratio"] / target - 1) <= 0.02, stats
+    return stats

@@ -183,12 +183,14 @@ def test_options_say_their_allowed_values(capsys):
     base = ["compress", "t.txt", "-o", "c.nqc"]
     assert parse([*base, "--token-budget", "none"]).token_budget is None
     assert parse([*base, "--token-budget", "512"]).token_budget == 512
+    assert parse([*base, "--target-ratio", "8"]).target_ratio == 8.0
     for flag, bad, allowed in [
         ("--method", "pq", "'e8', 'scalar'"),
         ("--scorer", "random", "'snapkv', 'h2o', 'keynorm', 'streaming'"),
         ("--merge", "all", "'off', 'values', 'keys_values'"),
         ("--dtype", "int8", "'float32', 'bfloat16', 'float16'"),
         ("--token-budget", "lots", "expected an integer or none"),
+        ("--target-ratio", "much", "invalid float value"),
     ]:
         with pytest.raises(SystemExit):
             parse([*base, flag, bad])

@@ -34,6 +34,10 @@ CONFIGS = {
     "K4V4 demote evict": NexusQuantConfig(
         key_bits=4, value_bits=4, keep_ratio=0.6, full_bits_ratio=0.3, recent_window=4, block_size=2
     ),
+    "evict to a byte budget": NexusQuantConfig(
+        key_bits=16, value_bits=16, target_ratio=1.6, recent_window=4, block_size=2
+    ),
+    "K4V2 byte budget": NexusQuantConfig(key_bits=4, value_bits=2, target_ratio=6, recent_window=4, block_size=2),
 }
 _MODELS = {}
 

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.eval import builtin_texts
 
-from .real_models import mean_kl, teacher_forced
+from .real_models import check_target_ratio, mean_kl, teacher_forced
 
 pytestmark = pytest.mark.real_model
 
@@ -49,3 +49,8 @@ def test_hybrid_model_through_the_compressed_cache(gemma):
             assert stats["guarded_layers"] and stats["ratio"] > 1.8  # measured 2.06
     # measured: KL 0.0057 plain with the guard (0.043 before it), 0.0027 conditioned
     assert kls[True] < 0.01 and kls[True] < kls[False]
+
+
+def test_target_ratio_meets_its_byte_budget_with_the_sliding_layers_counted(gemma):
+    model, ids = gemma
+    check_target_ratio(model, ids[:, :PREFIX], 4.5)  # the whole cache's ratio: 15 sliding layers of 18

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.eval import builtin_texts
 
-from .real_models import mean_kl, teacher_forced
+from .real_models import check_target_ratio, mean_kl, teacher_forced
 
 pytestmark = pytest.mark.real_model
 
@@ -115,3 +115,7 @@ def test_attention_scoring_beats_query_free_eviction(smollm2, three_windows):
     cache = NexusQuantCache(config, model=model)
     score(model, ids, cache)
     assert cache.stats()["tokens_stored"] <= config.budget(ids.shape[1] - 1) + config.block_size
+
+
+def test_target_ratio_meets_its_byte_budget(smollm2, prose_ids):
+    check_target_ratio(smollm2[0], prose_ids[:, :PREFIX], 8)

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
 from nexusquant_cache.eval import builtin_texts
 
-from .real_models import mean_kl, teacher_forced
+from .real_models import check_target_ratio, mean_kl, teacher_forced
 
 pytestmark = pytest.mark.real_model
 
@@ -49,3 +49,8 @@ def test_keys_are_conditioned_automatically(qwen):
     # KL 0.004 with nothing guarded; without conditioning the guard keeps a few layers' keys exact.
     assert kls["auto"] < 0.015 and guarded["auto"] == []
     assert guarded["off"] and kls["off"] < 0.1
+
+
+def test_target_ratio_meets_its_byte_budget(qwen):
+    model, ids = qwen
+    check_target_ratio(model, ids[:, :PREFIX], 8)

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from . import io
+from .allocation import ByteBudget
 from .attention import Scratch
 from .config import NexusQuantConfig
 from .integration import ATTENTION_NAME, AttentionRoute, capture_queries, rotary_embeddings
@@ -82,6 +83,7 @@ class NexusQuantCache(Cache):
         if model_config is not None:
             self.fingerprint = io.model_fingerprint(model_config, model.dtype if model is not None else None)
         self.prompt = None
+        budget = None if config.target_ratio is None else ByteBudget(config.target_ratio, self)
         if model_config is None:
             if config.layer_overrides:
                 raise ValueError("`layer_overrides` needs the model's layers: pass `model=` or `model_config=`")
@@ -91,10 +93,10 @@ class NexusQuantCache(Cache):
                     "sliding-window layers, which must keep their window, from full-attention ones",
                     stacklevel=2,
                 )
-            super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer))
+            super().__init__(layer_class_to_replicate=partial(NexusQuantLayer, config, scorer, byte_budget=budget))
         else:
             ropes = rotary_embeddings(model) if model is not None else None
-            super().__init__(layers=_layers_for(model_config, config, scorer, ropes))
+            super().__init__(layers=_layers_for(model_config, config, scorer, ropes, budget))
         # Where the model runs SDPA already, capture also serves every layer's first key encode
         # (conditioning and guard, layer.py) and lets decode steps attend to the codes as they are
         # (attention.py); its prefill runs SDPA, and it must not switch an eager model to it.
@@ -280,8 +282,15 @@ class NexusQuantCache(Cache):
                 warnings.simplefilter("ignore")  # the constructor's scorer warning: said above
                 cache = cls(dataclasses.replace(config, layer_overrides={}))
             cache.config, cache.layer_class_to_replicate, cache.fingerprint = config, None, contents.model
+            budget = None if config.target_ratio is None else ByteBudget(config.target_ratio, cache)
             cache.layers = [
-                NexusQuantLayer(config.for_layer(index, len(records)), cache.scorer, record.sliding_window, index=index)
+                NexusQuantLayer(
+                    config.for_layer(index, len(records)),
+                    cache.scorer,
+                    record.sliding_window,
+                    index=index,
+                    byte_budget=budget,
+                )
                 for index, record in enumerate(records)
             ]
         if device is None:
@@ -357,7 +366,9 @@ def _check_consistent(layers: list[NexusQuantLayer], contents: io.CacheFile, pat
         )
 
 
-def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer: str, ropes: list | None) -> list:
+def _layers_for(
+    model_config: PretrainedConfig, config: NexusQuantConfig, scorer: str, ropes: list | None, budget: ByteBudget | None
+) -> list:
     decoder = model_config.get_text_config(decoder=True)
     model_type = getattr(decoder, "model_type", type(decoder).__name__)
     if getattr(decoder, "kv_lora_rank", None) is not None:
@@ -372,10 +383,14 @@ def _layers_for(model_config: PretrainedConfig, config: NexusQuantConfig, scorer
         layer_config = config.for_layer(index, len(layer_types))
         rope = ropes[index] if ropes is not None and index < len(ropes) else None
         if layer_type == "full_attention":
-            layers.append(NexusQuantLayer(layer_config, scorer, rope=rope, index=index))
+            layers.append(NexusQuantLayer(layer_config, scorer, rope=rope, index=index, byte_budget=budget))
         elif layer_type in _SLIDING_TYPES:
             sliding = kwargs["sliding_window"]
-            layers.append(NexusQuantLayer(layer_config, scorer, sliding_window=sliding, rope=rope, index=index))
+            layers.append(
+                NexusQuantLayer(
+                    layer_config, scorer, sliding_window=sliding, rope=rope, index=index, byte_budget=budget
+                )
+            )
         else:
             raise NotImplementedError(
                 f"NexusQuantCache does not support {model_type!r} layers of type {layer_type!r}; "

@@ -341,6 +341,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             options.add_argument(flag, type=json.loads, metavar="JSON", help='e.g. \'{"0": {"key_bits": 16}}\'')
         elif field.name == "token_budget":
             options.add_argument(flag, type=_int_or_none, metavar="N|none", help="(default none: no cap)")
+        elif field.name == "target_ratio":
+            options.add_argument(
+                flag, type=float, metavar="RATIO", help="a byte budget against a 16-bit cache, e.g. 8 (default none)"
+            )
         elif field.name in _FIELD_CHOICES:
             options.add_argument(flag, choices=_FIELD_CHOICES[field.name], help=f"(default {default})")
         else:

@@ -49,7 +49,15 @@ class NexusQuantConfig:
         seed: seed of the randomized Hadamard rotation.
         keep_ratio: fraction of the tokens seen that each full-attention layer keeps, in (0, 1];
             1 evicts nothing.
-        token_budget: most tokens a full-attention layer keeps (None: no cap). Both limits apply.
+        token_budget: most tokens a full-attention layer keeps (None: no cap).
+        target_ratio: a byte budget for the whole cache, as a compression ratio against a 16-bit
+            DynamicCache of the same tokens (> 1; None: no byte budget). Each time a block of
+            tokens is encoded, every full-attention layer keeps as many tokens as fit the budget
+            at the bits set here (sliding-window layers, the window, conditioning, positions and
+            scores all counted), evicting the rest by ``scorer``. It cannot go below what a
+            layer always holds (``sink_tokens + recent_window + block_size`` tokens), and it
+            adds no bytes: where the codes alone compress more, nothing is evicted. All three
+            limits (``keep_ratio``, ``token_budget``, ``target_ratio``) apply together.
         full_bits_ratio: fraction of the tokens seen that a full-attention layer holds at its
             full ``key_bits`` / ``value_bits``, in (0, 1]; the other kept tokens, ranked by
             ``scorer`` as eviction ranks them, are *demoted*: a 4-bit E8 side drops the second
@@ -90,6 +98,7 @@ class NexusQuantConfig:
     seed: int = 0
     keep_ratio: float = 1.0
     token_budget: int | None = None
+    target_ratio: float | None = None
     full_bits_ratio: float = 1.0
     sink_tokens: int = 4
     scorer: str = "snapkv"
@@ -116,6 +125,11 @@ class NexusQuantConfig:
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"`keep_ratio` must be a number in (0, 1] but got {ratio!r}")
         object.__setattr__(self, "keep_ratio", float(ratio))
+        ratio = self.target_ratio
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 < ratio < math.inf:
+                raise ValueError(f"`target_ratio` must be None or a finite number > 1 but got {ratio!r}")
+            object.__setattr__(self, "target_ratio", float(ratio))
         ratio = self.full_bits_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
             raise ValueError(f"`full_bits_ratio` must be a number in (0, 1] but got {ratio!r}")
@@ -129,7 +143,7 @@ class NexusQuantConfig:
         self._set_int("observation_window", minimum=1)
         if self.token_budget is not None:
             try:
-                self._set_int("token_budget", minimum=self._budget_floor)
+                self._set_int("token_budget", minimum=self.budget_floor)
             except ValueError as error:
                 raise ValueError(
                     f"{error} (sink_tokens + recent_window + block_size: what a layer always holds)"
@@ -174,7 +188,7 @@ class NexusQuantConfig:
     @property
     def evicts(self) -> bool:
         """Whether any token is ever dropped."""
-        return self.keep_ratio < 1 or self.token_budget is not None
+        return self.keep_ratio < 1 or self.token_budget is not None or self.target_ratio is not None
 
     @property
     def demotes(self) -> bool:
@@ -191,15 +205,16 @@ class NexusQuantConfig:
         return math.ceil(self.full_bits_ratio * seen)
 
     def budget(self, seen: int) -> int:
-        """Tokens a full-attention layer may keep after ``seen`` tokens; never below what the
-        sinks, the full-precision window and one block of tokens waiting to leave it occupy."""
+        """Tokens a full-attention layer may keep after ``seen`` tokens by ``keep_ratio`` and
+        ``token_budget`` (``target_ratio`` needs the model's shapes: allocation.py); never below
+        what the sinks, the full-precision window and one block of tokens waiting to leave it occupy."""
         limit = math.ceil(self.keep_ratio * seen)
         if self.token_budget is not None:
             limit = min(limit, self.token_budget)
-        return max(limit, self._budget_floor)
+        return max(limit, self.budget_floor)
 
     @property
-    def _budget_floor(self) -> int:
+    def budget_floor(self) -> int:
         return self.sink_tokens + self.recent_window + self.block_size
 
     @property

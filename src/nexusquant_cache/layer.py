@@ -24,19 +24,22 @@ import copy
 import warnings
 import weakref
 from contextvars import ContextVar
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
 from .attention import Codes, Scratch, StoredKeys, attend, codes_of
-from .codec import SUPPORTED_DTYPES, Encoded, Tiered, decode, encode
+from .codec import SUPPORTED_DTYPES, Encoded, Tiered, decode, encode, vector_nbytes
 from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
 from .pages import Pages, concat, length, take
 from .policy import PAD, evicted, merge_targets, select_kept
 from .scoring import attention_scores, key_norm_scores, weight_scores
+
+if TYPE_CHECKING:
+    from .allocation import ByteBudget
 
 __all__ = ["KVStream", "NexusQuantLayer", "PENDING_LAYER"]
 
@@ -399,6 +402,35 @@ class KVStream:
         parts["metadata"] += sum(_bytes(tensor) for tensor in self._conditioning_tensors().values())
         return parts
 
+    def planned_nbytes(self, old: int, window: int, full: int) -> int:
+        """Bytes this stream holds with ``old`` old tokens (``full`` of them at 4 bits in a Tiered
+        side, the rest at 2) and ``window`` in the window: what :meth:`nbytes` will count, for the
+        byte budget (allocation.py). A first encode still to come adds its conditioning."""
+        batch, heads, _, dim = self.recent.shape
+        window_bytes = batch * heads * window * dim * self.recent.element_size()
+        if self.bits == 16:  # at 16 bits, or kept exact by the guard: old tokens as the window holds them
+            old_bytes = batch * heads * old * dim * self.recent.element_size()
+        elif self.tiered:
+            second = vector_nbytes(dim, 4) - vector_nbytes(dim, 2)
+            pages, rest = divmod(old, self.pages.size)
+            mask = pages * -(-self.pages.size // 8) + -(-rest // 8)  # one bit per token, per page
+            old_bytes = batch * heads * (old * vector_nbytes(dim, 2) + full * second + mask)
+        else:
+            old_bytes = batch * heads * old * vector_nbytes(dim, self.bits)
+        return window_bytes + old_bytes + self._planned_conditioning_nbytes(old)
+
+    def _planned_conditioning_nbytes(self, old: int) -> int:
+        tensors = self._conditioning_tensors()
+        if not old or self.pages.length:
+            return sum(map(_bytes, tensors.values()))  # no first encode in the plan, or it is done
+        held = sum(_bytes(tensor) for name, tensor in tensors.items() if name != "queries")  # they go at it
+        if not self.conditioned or self.bits == 16:
+            return held
+        batch, heads, _, dim = self.recent.shape
+        fitted = (2 if self.queries is not None else 1) * batch * heads * dim * 4  # float32 offset (+ channel scale)
+        sinks = batch * heads * self.exact_tokens * (dim * self.recent.element_size() + 8)  # states and int64 index
+        return held + fitted + sinks
+
     def numel(self, tokens: int) -> int:
         """Numbers a full-precision cache holds for ``tokens`` tokens of this stream."""
         batch, heads, _, dim = self.recent.shape
@@ -696,9 +728,11 @@ class NexusQuantLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         rope: Rope | None = None,
         index: int | None = None,
+        byte_budget: "ByteBudget | None" = None,
     ):
         super().__init__()
         self.config = config
+        self.byte_budget = byte_budget  # the cache's, with ``target_ratio`` (allocation.py)
         self.index = index  # the layer's place in the model, when known (for messages)
         self.rope = rope  # the model's rotary embedding for this layer, when known
         self.sees_queries = False  # set by the cache when the model hands queries to observe()
@@ -892,7 +926,10 @@ class NexusQuantLayer(CacheLayerMixin):
         keep = None
         if self.evicts:
             candidates = self.key_stream.old_length + leaving
-            excess = self.key_stream.length - config.budget(self.seen)
+            budget = config.budget(self.seen)
+            if self.byte_budget is not None and leaving and not self.is_sliding:
+                budget = min(budget, self.byte_budget.tokens(self.seen))  # planned where tokens are encoded
+            excess = self.key_stream.length - budget
             if excess >= config.block_size or (excess > 0 and leaving):
                 ranking = self.positions if self.scores is None else self.scores
                 keep = select_kept(
@@ -966,10 +1003,31 @@ class NexusQuantLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
-    def baseline_numel(self) -> int:
-        """Numbers a 16-bit DynamicCache layer of the same kind holds for the tokens seen."""
-        tokens = self.seen if not self.is_sliding else min(self.seen, self.sliding_window - 1)
+    def baseline_numel(self, seen: int | None = None) -> int:
+        """Numbers a 16-bit DynamicCache layer of the same kind holds for the tokens seen (or ``seen``)."""
+        seen = self.seen if seen is None else seen
+        tokens = seen if not self.is_sliding else min(seen, self.sliding_window - 1)
         return self.key_stream.numel(tokens) + self.value_stream.numel(tokens)
+
+    def planned_nbytes(self, seen: int, stored: int) -> int:
+        """Bytes this layer will hold once settled after ``seen`` tokens, keeping ``stored`` of
+        them (a sliding layer keeps its window whatever ``stored``), right after a block leaves the
+        full-precision window: what :meth:`nbytes` will count then (allocation.py plans with it)."""
+        config = self.config
+        stored = min(seen, self.sliding_window - 1) if self.is_sliding else stored
+        window = min(config.recent_window, stored)
+        old = stored - window
+        full = old
+        if self.demotes:
+            full = min(old, max(config.full_bits_budget(seen) - window, config.sink_tokens))
+        keys, values = self.key_stream, self.value_stream
+        total = keys.planned_nbytes(old, window, full) + values.planned_nbytes(old, window, full)
+        batch, heads = keys.recent.shape[:2]
+        if self.evicts:
+            total += batch * heads * stored * 4  # int32 positions
+        if self.ranks and self.scorer != "streaming":
+            total += batch * heads * stored * 2  # float16 scores
+        return total + _bytes(self.shift)
 
     def offload(self):
         pass  # the compressed layer is small; it stays where it is

@@ -14,6 +14,7 @@ _HOMES = {
     "decode": "encoding",
     "decode_units": "encoding",
     "encode": "encoding",
+    "vector_nbytes": "encoding",
     "OrbitCodebook": "lattice",
     "ball_codebook": "lattice",
     "nearest_d8": "lattice",

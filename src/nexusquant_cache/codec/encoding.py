@@ -22,13 +22,27 @@ from .packing import pack_words, unpack_words
 from .quantizers import quantizer
 from .rotation import rotate, unrotate
 
-__all__ = ["Method", "Encoded", "encode", "decode", "decode_units", "SUPPORTED_BITS", "SUPPORTED_DTYPES"]
+__all__ = [
+    "Method",
+    "Encoded",
+    "encode",
+    "decode",
+    "decode_units",
+    "vector_nbytes",
+    "SUPPORTED_BITS",
+    "SUPPORTED_DTYPES",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCALE_DTYPE = torch.bfloat16
 _CHUNK = 1 << 15  # vectors per step: bounds the temporary memory of the search
 _TINY = torch.finfo(torch.float32).tiny
 _DECODABLE = torch.finfo(torch.float32).max / 2  # decoding runs in float32; half leaves room for rounding
+
+
+def vector_nbytes(dim: int, bits: int) -> int:
+    """Bytes one encoded vector of length ``dim`` takes: its packed codes and its scale."""
+    return dim * bits // 8 + SCALE_DTYPE.itemsize
 
 
 @dataclass(frozen=True)
