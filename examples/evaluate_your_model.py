@@ -23,7 +23,8 @@ methods = [
     "dynamic",
     nexusquant(preset="compact"),  # K4V2, quantization only
     nexusquant(preset="max"),  # K4V2 keeping a quarter of the tokens
-    nexusquant(key_bits=16, value_bits=16, keep_ratio=0.5, scorer="streaming"),  # eviction only
+    # eviction only: StreamingLLM's sinks and most recent tokens, half of them, unquantized
+    nexusquant("StreamingLLM keep 0.5 (16-bit)", key_bits=16, value_bits=16, keep_ratio=0.5, scorer="streaming"),
     "quanto:4",  # transformers' QuantizedCache, an optional peer
 ]
 results = run_eval(

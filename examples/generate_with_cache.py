@@ -3,7 +3,9 @@
     python examples/generate_with_cache.py          # about 1 minute on 2 CPU cores
 
 The prompt is 2,048 tokens of English prose that every Python installation has (the language
-reference that `help()` shows); put any text of your own in its place.
+reference that `help()` shows, from its section on descriptors: the first 2,048 tokens end inside
+a grammar table of operators, which a model rightly continues with more `" | "`); put any text
+of your own in its place.
 """
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig
@@ -12,7 +14,7 @@ from nexusquant_cache.models import load_smollm2
 
 model, tokenizer = load_smollm2()
 text = builtin_texts("python-docs")[0][1]
-ids = tokenizer(text, return_tensors="pt").input_ids[:, :2048]
+ids = tokenizer(text[20_000:], return_tensors="pt").input_ids[:, :2048]
 
 cache = NexusQuantCache(NexusQuantConfig.preset("balanced"), model=model)  # K4V4, keep half the tokens
 out = model.generate(ids, cache=cache, max_new_tokens=40, do_sample=False)

@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,16 @@ def test_a_model_name_not_on_disk_fails_without_touching_the_network(monkeypatch
     with pytest.raises(ValueError, match="a cached model name .set HF_HUB_OFFLINE=0 to download"):
         load_model("no-such-org/no-such-model")
     assert attempts == []
+
+
+def test_a_reader_that_stops_early_gets_no_error():
+    """`inspect --json | head`: the pipe closes before the output is written; nothing is reported."""
+    read, write = os.pipe()
+    os.close(read)
+    fixture = Path(__file__).parent / "data" / "format-v2-llama.nqc"
+    command = [sys.executable, "-m", "nexusquant_cache", "inspect", str(fixture), "--json"]
+    try:
+        done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert "Broken pipe" not in done.stderr and "error" not in done.stderr, done.stderr

@@ -358,6 +358,7 @@ def test_nexusquant_helper_names_and_validates():
         nexusquant(key_bits=4, value_bits=2, keep_ratio=0.25, scorer="streaming").name == "NQ K4V2 keep 0.25 streaming"
     )
     assert nexusquant(preset="balanced").name == "NQ balanced"
+    assert nexusquant(key_bits=4, value_bits=2, target_ratio=8).name == "NQ K4V2 target 8x snapkv"
     assert math.isclose(nexusquant(preset="max", keep_ratio=0.5).config().keep_ratio, 0.5)
     with pytest.raises(ValueError, match="`preset` must be one of"):
         nexusquant(preset="tiny")

@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command=argv[0] if argv else "").parse_args(argv)  # the command comes first
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader stopped early (`inspect --json | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except (ValueError, OSError, ImportError) as error:  # CacheFileError is a ValueError; a model not installed
         print(f"nexusquant-cache {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -291,10 +291,15 @@ def _label(config: NexusQuantConfig, preset: str | None) -> str:
     bits = "16-bit" if not config.compresses else f"NQ K{config.key_bits}V{config.value_bits}"
     parts = [bits]
     if config.evicts:
-        parts.append(f"keep {config.keep_ratio:g}" if config.token_budget is None else f"budget {config.token_budget}")
+        if config.keep_ratio < 1:
+            parts.append(f"keep {config.keep_ratio:g}")
+        if config.token_budget is not None:
+            parts.append(f"budget {config.token_budget}")
+        if config.target_ratio is not None:
+            parts.append(f"target {config.target_ratio:g}x")
         parts.append(config.scorer)
     defaults = NexusQuantConfig().to_dict()
-    shown = {"key_bits", "value_bits", "keep_ratio", "token_budget", "scorer"}
+    shown = {"key_bits", "value_bits", "keep_ratio", "token_budget", "target_ratio", "scorer"}
     for name, value in config.to_dict().items():
         # The 32-token window the presets and benchmarks use goes without saying.
         if name in shown or value == defaults[name] or (name in ("recent_window", "block_size") and value == 32):
