@@ -406,7 +406,10 @@ def test_presets_are_valid_configs_and_can_be_overridden():
     assert NexusQuantConfig.preset("max").keep_ratio == 0.25
     assert NexusQuantConfig.preset("balanced", seed=3).seed == 3
     assert NexusQuantConfig.preset("compact").keep_ratio == 1  # the no-eviction point
-    with pytest.raises(ValueError, match="`preset` must be one of \\['lossless', 'compact', 'balanced', 'max'\\]"):
+    assert NexusQuantConfig.preset("8x").target_ratio == 8 and NexusQuantConfig.preset("16x").value_bits == 2
+    with pytest.raises(
+        ValueError, match="`preset` must be one of \\['lossless', 'compact', 'balanced', 'max', '8x', '16x'\\]"
+    ):
         NexusQuantConfig.preset("tiny")
 
 

@@ -207,7 +207,10 @@ def test_options_say_their_allowed_values(capsys):
         with pytest.raises(SystemExit):
             parse([command, "--help"])
         usages[command] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-        assert "{lossless,compact,balanced,max}" in usages[command] and "a measured operating point" in usages[command]
+        assert (
+            "{lossless,compact,balanced,max,8x,16x}" in usages[command]
+            and "a measured operating point" in usages[command]
+        )
     assert (
         "--method {e8,scalar}" in usages["compress"] and "--scorer {snapkv,h2o,keynorm,streaming}" in usages["compress"]
     )

@@ -46,7 +46,7 @@ MODEL_HELP = (
 THREADS_HELP = "torch CPU threads (default: torch's choice)"
 PRESET_HELP = (
     "a measured operating point: lossless (K4V4), compact (K4V2), balanced (K4V4, keep half the "
-    "tokens), max (K4V2, keep a quarter); see docs/cache.md"
+    "tokens), max (K4V2, keep a quarter), 8x and 16x (K4V2, keep what fits that ratio); see docs/cache.md"
 )
 
 
