@@ -72,12 +72,14 @@ def test_every_encoded_block_meets_the_byte_budget(name, which):
     assert checked == 2
 
 
-def test_sliding_layers_are_counted_and_a_target_out_of_reach_keeps_the_floor():
+@pytest.mark.parametrize("window", [WINDOW, dict(recent_window=8, block_size=8)])
+def test_sliding_layers_are_counted_and_a_target_out_of_reach_keeps_the_floor(window):
     torch.manual_seed(0)
     model = tiny_gemma3().eval()
-    # Its sliding layers hold 15 tokens, all in the full-precision window: the whole cache
-    # cannot reach 3x, so the full-attention layers keep only what they always hold.
-    config = NexusQuantConfig(key_bits=4, value_bits=2, **WINDOW, target_ratio=3)
+    # Its sliding layers hold 15 tokens, fewer than a window and a block, so they never encode
+    # (also at an 8-token window): the whole cache cannot reach 3x, and the full-attention
+    # layers keep only what they always hold.
+    config = NexusQuantConfig(key_bits=4, value_bits=2, **window, target_ratio=3)
     cache = NexusQuantCache(config, model=model)
     with torch.no_grad():
         model(prompt(2, 300), past_key_values=cache)
@@ -133,6 +135,34 @@ def test_copies_and_files_keep_the_budget(tmp_path):
         assert torch.equal(logits, steps[0][0]) and stored == steps[0][1]
 
 
+def test_a_reset_cache_plans_again():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = NexusQuantConfig(key_bits=4, value_bits=2, recent_window=8, block_size=8, target_ratio=6)
+    ids, mask = padded_prompt(length=200, pads=150)  # the second run's padding changes the count
+    caches = [NexusQuantCache(config, model=model), NexusQuantCache(config, model=model)]
+    with torch.no_grad():
+        model(prompt(1, 200), past_key_values=caches[0])
+        caches[0].stats()
+        caches[0].reset()
+        for cache in caches:
+            model(ids, attention_mask=mask, past_key_values=cache)
+    assert caches[0].stats() == caches[1].stats()
+
+
+def test_a_layer_copied_alone_plans_with_its_cache_and_says_so_when_it_is_gone():
+    model = tiny_llama().eval()
+    cache = NexusQuantCache(NexusQuantConfig(**WINDOW, target_ratio=6), model=model)
+    with torch.no_grad():
+        model(prompt(1, 100), past_key_values=cache)
+    layer = copy.deepcopy(cache.layers[0])
+    assert layer.byte_budget.cache() is cache
+    del cache
+    with pytest.raises(RuntimeError, match="that cache is gone"):
+        layer.byte_budget.tokens(200)
+    assert copy.deepcopy(layer).byte_budget.cache() is None  # and copying it still works
+
+
 def test_a_dropped_cache_is_freed_without_the_garbage_collector():
     import gc
     import weakref
@@ -148,7 +178,7 @@ def test_a_dropped_cache_is_freed_without_the_garbage_collector():
         gc.enable()
 
 
-@pytest.mark.parametrize("bad", [1, 0.5, -3, math.inf, math.nan, True, "8"])
+@pytest.mark.parametrize("bad", [1, 0.5, -3, math.inf, math.nan, 10**400, True, "8"])
 def test_target_ratio_must_be_a_finite_number_above_1(bad):
     with pytest.raises(ValueError, match="`target_ratio` must be None or a finite number > 1"):
         NexusQuantConfig(target_ratio=bad)

@@ -14,7 +14,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig, prefill, prompt_hash
-from nexusquant_cache.cli import build_parser, main
+from nexusquant_cache.cli import build_parser, config_from, main
 from tests.tiny_models import MODELS, tiny_llama
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 4
@@ -184,16 +184,18 @@ def test_demo_needs_no_files_outside_the_package():
 def test_options_say_their_allowed_values(capsys):
     parse = build_parser().parse_args
     base = ["compress", "t.txt", "-o", "c.nqc"]
-    assert parse([*base, "--token-budget", "none"]).token_budget is None
-    assert parse([*base, "--token-budget", "512"]).token_budget == 512
-    assert parse([*base, "--target-ratio", "8"]).target_ratio == 8.0
+    assert config_from(parse([*base, "--token-budget", "none"])).token_budget is None
+    assert config_from(parse([*base, "--token-budget", "512"])).token_budget == 512
+    assert config_from(parse([*base, "--target-ratio", "8"])).target_ratio == 8.0
+    assert config_from(parse([*base, "--preset", "8x"])).target_ratio == 8.0
+    assert config_from(parse([*base, "--preset", "8x", "--target-ratio", "none"])).target_ratio is None
     for flag, bad, allowed in [
         ("--method", "pq", "'e8', 'scalar'"),
         ("--scorer", "random", "'snapkv', 'h2o', 'keynorm', 'streaming'"),
         ("--merge", "all", "'off', 'values', 'keys_values'"),
         ("--dtype", "int8", "'float32', 'bfloat16', 'float16'"),
         ("--token-budget", "lots", "expected an integer or none"),
-        ("--target-ratio", "much", "invalid float value"),
+        ("--target-ratio", "much", "expected a number or none"),
     ]:
         with pytest.raises(SystemExit):
             parse([*base, flag, bad])

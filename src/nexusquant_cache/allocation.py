@@ -12,7 +12,6 @@ the budget there; until the next block, new tokens wait in the full-precision wi
 
 from __future__ import annotations
 
-import copy
 import weakref
 
 __all__ = ["ByteBudget"]
@@ -26,8 +25,14 @@ class ByteBudget:
 
     def __init__(self, target_ratio: float, cache):
         self.target_ratio = target_ratio
-        self.cache = weakref.ref(cache)
-        self._planned: tuple[int, int] | None = None  # (seen, tokens): every layer settling at seen asks
+        self.cache = weakref.ref(cache) if cache is not None else lambda: None
+        # (seen, tokens): planned once for all layers, which settle one after another; the same
+        # count for each, even where a settled layer's bytes differ from its plan.
+        self._planned: tuple[int, int] | None = None
+
+    def forget(self) -> None:
+        """Drop the planned count (the cache was reset: the same ``seen`` may come back)."""
+        self._planned = None
 
     def tokens(self, seen: int) -> int:
         """Tokens each full-attention layer keeps after ``seen`` tokens: the most whose planned
@@ -35,6 +40,11 @@ class ByteBudget:
         if self._planned is not None and self._planned[0] == seen:
             return self._planned[1]
         cache = self.cache()
+        if cache is None:
+            raise RuntimeError(
+                "a NexusQuantLayer with `target_ratio` plans with its cache's other layers, but that cache "
+                "is gone (use the layer inside its NexusQuantCache, or deep-copy the whole cache)"
+            )
         layers = [layer for layer in cache.layers if layer.is_initialized]
         allowed = sum(2 * layer.baseline_numel(seen) for layer in layers) / self.target_ratio
         floor = cache.config.budget_floor
@@ -52,7 +62,10 @@ class ByteBudget:
         return low
 
     def __deepcopy__(self, memo: dict) -> "ByteBudget":
-        return ByteBudget(self.target_ratio, copy.deepcopy(self.cache(), memo))
+        cache = self.cache()
+        # With the cache (the usual copy) the copy plans with the copied cache; a layer copied
+        # alone keeps planning with the original one.
+        return ByteBudget(self.target_ratio, memo.get(id(cache), cache))
 
     def __reduce__(self):
         return ByteBudget, (self.target_ratio, self.cache())

@@ -52,7 +52,8 @@ PRESET_HELP = (
 
 def config_from(args: argparse.Namespace) -> NexusQuantConfig:
     """The preset (if any) with every field option given on top."""
-    chosen = {f.name: getattr(args, f.name) for f in fields(NexusQuantConfig) if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(NexusQuantConfig)}
+    chosen = {name: None if value is _NONE else value for name, value in given.items() if value is not None}
     return NexusQuantConfig.preset(args.preset, **chosen) if args.preset else NexusQuantConfig(**chosen)
 
 
@@ -343,7 +344,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             options.add_argument(flag, type=_int_or_none, metavar="N|none", help="(default none: no cap)")
         elif field.name == "target_ratio":
             options.add_argument(
-                flag, type=float, metavar="RATIO", help="a byte budget against a 16-bit cache, e.g. 8 (default none)"
+                flag,
+                type=_float_or_none,
+                metavar="RATIO|none",
+                help="a byte budget against a 16-bit cache, e.g. 8 (default none: no budget)",
             )
         elif field.name in _FIELD_CHOICES:
             options.add_argument(flag, choices=_FIELD_CHOICES[field.name], help=f"(default {default})")
@@ -406,13 +410,27 @@ def _size(count: int) -> str:
     return f"{count / (1 << 20):.2f} MiB" if count >= 1 << 20 else f"{count / 1024:.1f} KiB"
 
 
-def _int_or_none(text: str) -> int | None:
+# "none" on the command line: the field set to None, also over a preset's value (an option not
+# given parses to None and leaves the field as the preset or the default has it).
+_NONE = object()
+
+
+def _int_or_none(text: str) -> int | object:
     if text.lower() == "none":
-        return None
+        return _NONE
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or none, not {text!r}") from None
+
+
+def _float_or_none(text: str) -> float | object:
+    if text.lower() == "none":
+        return _NONE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, not {text!r}") from None
 
 
 def _auto_boolean(text: str) -> bool | None:

@@ -132,7 +132,11 @@ class NexusQuantConfig:
         object.__setattr__(self, "keep_ratio", float(ratio))
         ratio = self.target_ratio
         if ratio is not None:
-            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 < ratio < math.inf:
+            try:
+                ok = not isinstance(ratio, bool) and isinstance(ratio, numbers.Real) and 1 < float(ratio) < math.inf
+            except OverflowError:  # an integer beyond float's range
+                ok = False
+            if not ok:
                 raise ValueError(f"`target_ratio` must be None or a finite number > 1 but got {ratio!r}")
             object.__setattr__(self, "target_ratio", float(ratio))
         ratio = self.full_bits_ratio

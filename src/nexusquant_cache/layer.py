@@ -757,6 +757,8 @@ class NexusQuantLayer(CacheLayerMixin):
         )
 
     def reset(self) -> None:
+        if self.byte_budget is not None:
+            self.byte_budget.forget()  # the cache starts again: a count planned for it is stale
         # Keys are conditioned unless the config turns it off; sliding layers have no sinks to keep.
         conditioned = self.config.center_keys is not False
         sinks = 0 if self.is_sliding else self.config.sink_tokens
@@ -1015,7 +1017,8 @@ class NexusQuantLayer(CacheLayerMixin):
         full-precision window: what :meth:`nbytes` will count then (allocation.py plans with it)."""
         config = self.config
         stored = min(seen, self.sliding_window - 1) if self.is_sliding else stored
-        window = min(config.recent_window, stored)
+        # Fewer tokens than a window and a block never leave the window (a short sliding one).
+        window = stored if stored < config.recent_window + config.block_size else config.recent_window
         old = stored - window
         full = old
         if self.demotes:
