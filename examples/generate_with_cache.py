@@ -3,9 +3,9 @@
     python examples/generate_with_cache.py          # about 1 minute on 2 CPU cores
 
 The prompt is 2,048 tokens of English prose that every Python installation has (the language
-reference that `help()` shows, from its section on descriptors: the first 2,048 tokens end inside
-a grammar table of operators, which a model rightly continues with more `" | "`); put any text
-of your own in its place.
+reference that `help()` shows), taken from its section on descriptors; put any text of your own
+in its place. (Its very first 2,048 tokens would end inside a grammar table of operators, which
+any model continues with more of the table.)
 """
 
 from nexusquant_cache import NexusQuantCache, NexusQuantConfig

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -58,13 +59,13 @@ def test_every_encoded_block_meets_the_byte_budget(name, which):
     cache = NexusQuantCache(config, model=model)
     ids, mask = padded_prompt()
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, past_key_values=cache)
+        out = model(ids, attention_mask=mask, cache=cache)
         stats = check_budget_met(cache, target)
         assert stats["tokens_stored"] < stats["tokens_seen"]  # it evicted to get there
         checked = 0
         for _ in range(40):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=cache)
+            out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask, cache=cache)
             cache.stats()  # settles
             if cache.layers[0].key_stream.recent.shape[-2] == config.recent_window:  # a block just left
                 check_budget_met(cache, target)
@@ -82,15 +83,20 @@ def test_sliding_layers_are_counted_and_a_target_out_of_reach_keeps_the_floor(wi
     config = NexusQuantConfig(key_bits=4, value_bits=2, **window, target_ratio=3)
     cache = NexusQuantCache(config, model=model)
     with torch.no_grad():
-        model(prompt(2, 300), past_key_values=cache)
-    stats = cache.stats()
+        model(prompt(2, 300), cache=cache)
+        with pytest.warns(UserWarning, match="target_ratio 3 cannot be met at 300 tokens") as said:
+            stats = cache.stats()
+        model(prompt(2, 100), cache=cache)
+        cache.stats()
+    assert len(said) == 1  # said once per cache
     assert stats["tokens_stored"] == config.budget_floor
     assert stats["bytes"]["total"] == planned(cache) > stats["baseline_bytes"] / 3
     # within reach, the sliding layers' bytes are paid for by the full-attention layers
-    reachable = NexusQuantCache(config.__class__(**{**config.to_dict(), "target_ratio": 2.5}), model=model)
-    with torch.no_grad():
-        model(prompt(2, 300), past_key_values=reachable)
-    check_budget_met(reachable, 2.5)
+    reachable = NexusQuantCache(config.__class__(**{**config.to_dict(), "target_ratio": 1.5}), model=model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="NexusQuantCache: target_ratio")  # within reach: nothing to say
+        model(prompt(2, 300), cache=reachable)
+        assert check_budget_met(reachable, 1.5)["tokens_stored"] > config.budget_floor
 
 
 def test_a_target_the_codes_already_reach_evicts_nothing():
@@ -101,8 +107,8 @@ def test_a_target_the_codes_already_reach_evicts_nothing():
     for target in (None, 1.5):
         cache = NexusQuantCache(NexusQuantConfig(**WINDOW, target_ratio=target), model=model)
         with torch.no_grad():
-            outputs.append(model(ids, past_key_values=cache).logits)
-            outputs.append(model(ids[:, :1], past_key_values=cache).logits)
+            outputs.append(model(ids, cache=cache).logits)
+            outputs.append(model(ids[:, :1], cache=cache).logits)
         assert cache.stats()["tokens_stored"] == 121
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
 
@@ -114,7 +120,7 @@ def test_copies_and_files_keep_the_budget(tmp_path):
     cache = NexusQuantCache(config, model=model)
     ids = prompt(1, 300)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
     cache.save(tmp_path / "c.nqc")
     caches = [cache, copy.deepcopy(cache), NexusQuantCache.load(tmp_path / "c.nqc", model=model)]
     assert caches[2].config.target_ratio == 6.0
@@ -127,7 +133,7 @@ def test_copies_and_files_keep_the_budget(tmp_path):
         logits, token = [], ids[:, -1:]
         with torch.no_grad():
             for _ in range(20):
-                out = model(token, past_key_values=each)
+                out = model(token, cache=each)
                 token = out.logits[:, -1:].argmax(-1)
                 logits.append(out.logits)
         steps.append((torch.cat(logits), each.stats()["tokens_stored"]))
@@ -142,11 +148,11 @@ def test_a_reset_cache_plans_again():
     ids, mask = padded_prompt(length=200, pads=150)  # the second run's padding changes the count
     caches = [NexusQuantCache(config, model=model), NexusQuantCache(config, model=model)]
     with torch.no_grad():
-        model(prompt(1, 200), past_key_values=caches[0])
+        model(prompt(1, 200), cache=caches[0])
         caches[0].stats()
         caches[0].reset()
         for cache in caches:
-            model(ids, attention_mask=mask, past_key_values=cache)
+            model(ids, attention_mask=mask, cache=cache)
     assert caches[0].stats() == caches[1].stats()
 
 
@@ -154,7 +160,7 @@ def test_a_layer_copied_alone_plans_with_its_cache_and_says_so_when_it_is_gone()
     model = tiny_llama().eval()
     cache = NexusQuantCache(NexusQuantConfig(**WINDOW, target_ratio=6), model=model)
     with torch.no_grad():
-        model(prompt(1, 100), past_key_values=cache)
+        model(prompt(1, 100), cache=cache)
     layer = copy.deepcopy(cache.layers[0])
     assert layer.byte_budget.cache() is cache
     del cache

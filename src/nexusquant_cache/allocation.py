@@ -12,6 +12,7 @@ the budget there; until the next block, new tokens wait in the full-precision wi
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 __all__ = ["ByteBudget"]
@@ -29,6 +30,7 @@ class ByteBudget:
         # (seen, tokens): planned once for all layers, which settle one after another; the same
         # count for each, even where a settled layer's bytes differ from its plan.
         self._planned: tuple[int, int] | None = None
+        self._warned = False  # said once that the target is out of reach
 
     def forget(self) -> None:
         """Drop the planned count (the cache was reset: the same ``seen`` may come back)."""
@@ -55,11 +57,26 @@ class ByteBudget:
         low, high = floor, max(seen, floor)  # bytes grow with the tokens kept: bisect
         if fits(high):
             low = high
+        elif not fits(low):
+            self._out_of_reach(seen, floor)
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         self._planned = (seen, low)
         return low
+
+    def _out_of_reach(self, seen: int, floor: int) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"NexusQuantCache: target_ratio {self.target_ratio:g} cannot be met at {seen} tokens: what every "
+            f"full-attention layer always holds ({floor} tokens: sink_tokens + recent_window + block_size) "
+            "and any sliding-window layers take more than the budget, so the cache keeps that much and "
+            "compresses less (stats()['ratio']); longer texts, or a smaller window and block (the presets "
+            "use 32 and 32), reach it",
+            stacklevel=4,
+        )
 
     def __deepcopy__(self, memo: dict) -> "ByteBudget":
         cache = self.cache()
