@@ -15,7 +15,7 @@ WINDOW = dict(recent_window=16, block_size=16)
 CONFIGS = {
     "K4V2": (dict(key_bits=4, value_bits=2), (4.5, 7.5)),
     "K4V4 demote": (dict(key_bits=4, value_bits=4, full_bits_ratio=0.5), (4.5, 7.5)),
-    "K2V2 h2o": (dict(key_bits=2, value_bits=2, scorer="h2o"), (7.5, 11.0)),
+    "K2V2 h2o": (dict(key_bits=2, value_bits=2, scorer="h2o"), (7.5, 9.0)),
     "exact first layer": (dict(key_bits=4, value_bits=4, layer_overrides={0: {"key_bits": 16}}), (3.0, 6.0)),
     "streaming": (dict(key_bits=3, value_bits=2, scorer="streaming"), (6.0, 9.0)),
 }
@@ -61,7 +61,8 @@ def test_every_encoded_block_meets_the_byte_budget(name, which):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, cache=cache)
         stats = check_budget_met(cache, target)
-        assert stats["tokens_stored"] < stats["tokens_seen"]  # it evicted to get there
+        # it evicted to get there, and kept more than the floor (so the 2% check ran)
+        assert config.budget_floor < stats["tokens_stored"] < stats["tokens_seen"]
         checked = 0
         for _ in range(40):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
