@@ -415,22 +415,22 @@ def _size(count: int) -> str:
 _NONE = object()
 
 
-def _int_or_none(text: str) -> int | object:
-    if text.lower() == "none":
-        return _NONE
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or none, not {text!r}") from None
+def _or_none(parse: Callable[[str], object], what: str) -> Callable[[str], object]:
+    """An argparse type: ``parse(text)``, or ``_NONE`` for "none"."""
+
+    def convert(text: str) -> object:
+        if text.lower() == "none":
+            return _NONE
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or none, not {text!r}") from None
+
+    return convert
 
 
-def _float_or_none(text: str) -> float | object:
-    if text.lower() == "none":
-        return _NONE
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or none, not {text!r}") from None
+_int_or_none = _or_none(int, "an integer")
+_float_or_none = _or_none(float, "a number")
 
 
 def _auto_boolean(text: str) -> bool | None:
