@@ -81,6 +81,9 @@ def test_codes_read_as_pages_equal_the_codes_read_whole(method, bits):
 CONFIGS = {
     "K4V2": dict(key_bits=4, value_bits=2),
     "K16V16 snapkv merge": dict(key_bits=16, value_bits=16, keep_ratio=0.5, merge="values", sink_tokens=2),
+    "K4V2 merge bias": dict(
+        key_bits=4, value_bits=2, keep_ratio=0.5, merge="keys_values", merge_bias=True, sink_tokens=2
+    ),
     "K4V4 h2o": dict(key_bits=4, value_bits=4, keep_ratio=0.6, scorer="h2o", sink_tokens=2),
     "K4V2 demote": dict(key_bits=4, value_bits=2, full_bits_ratio=0.4, sink_tokens=2),
     "K4V4 demote evict": dict(key_bits=4, value_bits=4, keep_ratio=0.7, full_bits_ratio=0.4, sink_tokens=2),

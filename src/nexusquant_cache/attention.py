@@ -26,7 +26,7 @@ from torch import Tensor
 from .codec import Encoded, Tiered, decode_units, rotation_matrix
 from .conditioning import KeyConditioning
 
-__all__ = ["Codes", "Scratch", "StoredKeys", "attend", "codes_of"]
+__all__ = ["Codes", "Scratch", "StoredKeys", "attend", "biased_mask", "codes_of"]
 
 _TABLE_POSITIONS = 1 << 16  # Rope.trig tables are asked for at most 64k positions (16 MB at head_dim 64)
 
@@ -114,9 +114,11 @@ def attend(
     scaling: float,
     dropout: float = 0.0,
     causal: bool = True,
+    logit_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``query`` [B, Hq, L, d] over the old tokens then the window ``window_keys``
-    / ``window_values`` [B, Hkv, W, d] (exact; the queries' own tokens last).
+    / ``window_values`` [B, Hkv, W, d] (exact; the queries' own tokens last); ``logit_bias``
+    [B, Hkv, T_old] is added to the old tokens' logits (merged tokens, layer.py).
 
     Returns the output [B, L, Hq, d] (as transformers' attention functions do) and the
     attention weights [B, Hkv, Hq / Hkv, L, T + W] float32 (for eviction scores)."""
@@ -125,6 +127,9 @@ def attend(
     groups = query_heads // kv_heads
     grouped = query.reshape(batch, kv_heads, groups * length, dim)  # kv head j serves query heads j*g .. j*g+g-1
     logits = torch.cat([_key_logits(grouped, keys), _dot(grouped, window_keys)], -1).mul_(scaling)
+    if logit_bias is not None:
+        old = logit_bias.shape[-1]
+        logits[..., :old] += logit_bias[..., None, :].float()
     logits = logits.view(batch, kv_heads, groups, length, -1)
     total = logits.shape[-1]
     if attention_mask is None:  # causal: query i sits at total - length + i
@@ -143,6 +148,26 @@ def attend(
     out += probabilities[..., old:].to(window_values.dtype) @ window_values
     out = out.view(batch, query_heads, length, dim).transpose(1, 2).contiguous()
     return out.to(query.dtype), weights
+
+
+def biased_mask(attention_mask: Tensor | None, logit_bias: Tensor, query: Tensor, causal: bool) -> Tensor:
+    """SDPA's additive mask [B, Hq, L, T] in ``query``'s dtype: ``attention_mask`` (bool, additive
+    float, or None for causal when ``causal``) plus ``logit_bias`` [B, Hkv, T] for every query
+    head of each KV head's group (a per-head bias has no place in transformers' one mask)."""
+    batch, query_heads, length, _ = query.shape
+    total = logit_bias.shape[-1]
+    if attention_mask is None:
+        base = torch.zeros(length, total, device=query.device)
+        if causal and length > 1:  # query i sits at total - length + i
+            rows = torch.arange(total - length, total, device=query.device)[:, None]
+            base.masked_fill_(torch.arange(total, device=query.device) > rows, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., -total:]
+        base = torch.zeros(mask.shape, device=query.device).masked_fill_(~mask, float("-inf"))
+    else:
+        base = attention_mask[..., -total:].float()
+    per_head = logit_bias.float().repeat_interleave(query_heads // logit_bias.shape[1], dim=1)[..., None, :]
+    return (base + per_head).to(query.dtype)
 
 
 def _dot(query: Tensor, states: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from .attention import Scratch
 from .config import NexusQuantConfig
 from .integration import ATTENTION_NAME, AttentionRoute, capture_queries, rotary_embeddings
 from .io import CacheFileError, PromptMismatchError
-from .layer import ATTENTION_SCORERS, NexusQuantLayer
+from .layer import ATTENTION_SCORERS, MERGE_BIAS_LOST, NexusQuantLayer
 
 __all__ = ["NexusQuantCache", "prefill"]
 
@@ -102,7 +102,7 @@ class NexusQuantCache(Cache):
         # (attention.py); its prefill runs SDPA, and it must not switch an eager model to it.
         quantized = any(stream.bits < 16 for layer in self.layers for stream in (layer.key_stream, layer.value_stream))
         on_sdpa = model is not None and model.config._attn_implementation in ("sdpa", ATTENTION_NAME)
-        if model is not None and (wants_queries or quantized and on_sdpa):
+        if model is not None and (wants_queries or config.merge_bias or quantized and on_sdpa):
             release = capture_queries(model)
             if release is None and wants_queries:
                 warnings.warn(
@@ -119,6 +119,12 @@ class NexusQuantCache(Cache):
                 route, scratch = AttentionRoute(model), Scratch()
                 for layer in self.layers:
                     layer.sees_queries, layer.route, layer.scratch = True, route, scratch
+        if config.merge_bias and config.evicts and self._query_source is None:
+            warnings.warn(
+                "`merge_bias` adds merged tokens' logit bias in the cache's own attention, which needs "
+                "`model=` (a model whose attention SDPA computes); without it merged tokens attend without it",
+                stacklevel=2,
+            )
         self.scorer = scorer
 
     _query_source = None  # a weak reference to the model whose queries this cache captures
@@ -157,6 +163,8 @@ class NexusQuantCache(Cache):
         if self.scorer in ATTENTION_SCORERS and self.config.ranks:
             warnings.warn(f"NexusQuantCache: {why}, so scorer {self.scorer!r} falls back to 'keynorm'", stacklevel=3)
             self.scorer = "keynorm"
+        if self.config.merge_bias and self.config.evicts:
+            warnings.warn(f"{MERGE_BIAS_LOST} ({why})", stacklevel=3)
         for layer in self.layers:
             layer.sees_queries, layer.route = False, None
             if layer.scorer in ATTENTION_SCORERS:

@@ -89,6 +89,10 @@ class NexusQuantConfig:
             value into the kept token with the most similar key among those being encoded now
             (a weighted mean by attention score; 1 each for keynorm/streaming), ``"keys_values"``
             folds its key too. The merged token's score grows by the folded score.
+        merge_bias: with ``merge``, a merged token's logits get ``log n``, n the tokens it stands
+            for, so that it draws the attention they drew together (needs ``model=``: the bias
+            is added in the cache's own attention). Off by default: measured not to help
+            (docs/results.md, "Merging with a logit bias").
         layer_overrides: per-layer ``key_bits`` / ``value_bits``, e.g. ``{0: {"key_bits": 16},
             -1: {"key_bits": 16}}`` keeps the first and last layers' keys exact. Layer indices
             may be negative (from the end); they need the model's layer count (``model=``).
@@ -110,6 +114,7 @@ class NexusQuantConfig:
     observation_window: int = 64
     center_keys: bool | None = None
     merge: str = "off"
+    merge_bias: bool = False
     layer_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -161,6 +166,10 @@ class NexusQuantConfig:
             raise ValueError(f"`scorer` must be one of {list(SCORERS)} but got {self.scorer!r}")
         if self.merge not in MERGES:
             raise ValueError(f"`merge` must be one of {list(MERGES)} but got {self.merge!r}")
+        if not isinstance(self.merge_bias, bool):
+            raise ValueError(f"`merge_bias` must be True or False but got {self.merge_bias!r}")
+        if self.merge_bias and self.merge == "off":
+            raise ValueError("`merge_bias` raises merged tokens' logits, but `merge` is 'off' (nothing is merged)")
         if self.center_keys is not None and not isinstance(self.center_keys, bool):
             raise ValueError(f"`center_keys` must be None (automatic), True or False but got {self.center_keys!r}")
         object.__setattr__(self, "layer_overrides", _frozen_overrides(self, self.layer_overrides))

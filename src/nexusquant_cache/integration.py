@@ -70,13 +70,14 @@ def _register_attention() -> None:
             PENDING_LAYER.set(None)
             layer, scaling = pending[0], kwargs.get("scaling") or query.shape[-1] ** -0.5
             layer.route_checked(key)
+            causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
             if layer.handed_window(key):  # a decode step: the old tokens are read as codes
                 unsupported = [name for name in ("softcap", "position_bias", "s_aux") if kwargs.get(name) is not None]
                 if unsupported:
                     raise NotImplementedError(f"NexusQuantCache's attention does not support {unsupported}")
-                causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
                 dropout = kwargs.get("dropout", 0.0)
                 return layer.attend(query, key, value, attention_mask, scaling, dropout=dropout, causal=causal), None
+            attention_mask = layer.biased_mask(attention_mask, query, causal)
             layer.observe(query, key, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

@@ -41,10 +41,11 @@ __all__ = [
 ]
 
 FORMAT = "nexusquant-cache"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Version 2 added key conditioning (layer.py), version 3 tiered codes (a side's old part "tiered":
-# codec/tiers.py); files of versions 1 (a plain key ``offset`` at most) and 2 still load.
-READABLE_VERSIONS = ("1", "2", "3")
+# codec/tiers.py), version 4 the config's ``target_ratio`` and ``merge_bias`` and a layer's
+# ``logit_bias``; files of versions 1 (a plain key ``offset`` at most), 2 and 3 still load.
+READABLE_VERSIONS = ("1", "2", "3", "4")
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(.+)")
 
 

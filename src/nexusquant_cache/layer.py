@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from .attention import Codes, Scratch, StoredKeys, attend, codes_of
+from .attention import Codes, Scratch, StoredKeys, attend, biased_mask, codes_of
 from .codec import SUPPORTED_DTYPES, Encoded, Tiered, decode, encode, vector_nbytes
 from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
@@ -54,6 +54,11 @@ ATTENTION_SCORERS = ("snapkv", "h2o")
 ROTATED_QUERIES = 16
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 SNAPKV_POOL = 7
+MERGE_BIAS_LOST = (
+    "NexusQuantCache: the model's attention no longer runs through the cache's, so merged tokens "
+    "(`merge_bias`) attend without their logit bias"
+)
+_MAX_LOGIT_BIAS = 31 * 0.6931471805599453  # log 2^31: a merged token stands for fewer tokens than a layer can see
 
 
 class KVStream:
@@ -748,6 +753,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.evicts = config.evicts and not self.is_sliding
         self.demotes = config.demotes and not self.is_sliding
         self.ranks = self.evicts or self.demotes  # scores its tokens
+        self.biases = self.evicts and config.merge_bias  # merged tokens carry a logit bias
         self.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -770,6 +776,9 @@ class NexusQuantLayer(CacheLayerMixin):
         self.positions: Tensor | None = None  # int32 [B, H, T_stored], only when evicting
         # float16 [B, H, T_stored], only when evicting or demoting by score (streaming ranks by position)
         self.scores: Tensor | None = None
+        # float16 [B, H, T_stored], only when merging with a bias: log of the share of attention a
+        # merged token stands for (0 for a token that absorbed nothing), added to its logits.
+        self.logit_bias: Tensor | None = None
         self.shift: Tensor | None = None  # int64 [B, 1]: position minus index of the tokens, when not evicting
         self._shift_pending = False  # some row has shown only padding so far
         self.seen = 0
@@ -821,7 +830,8 @@ class NexusQuantLayer(CacheLayerMixin):
         self._handed = keys if rotated else None
         self._checking = keys if eligible and not rotated else None
         scoring = self.ranks and self.scorer in ATTENTION_SCORERS
-        if eligible or scoring or (self.sees_queries and self.key_stream.wants_queries):
+        biased = self.logit_bias is not None and self.route is not None and self.key_stream.old_length > 0
+        if eligible or scoring or biased or (self.sees_queries and self.key_stream.wants_queries):
             PENDING_LAYER.set((self, keys))  # the attention function takes it right away
         return keys, values
 
@@ -846,9 +856,19 @@ class NexusQuantLayer(CacheLayerMixin):
             self.scratch = Scratch()
         stored_keys = self.key_stream.stored_keys(self.scratch)
         old_values = self.value_stream.old_for_attention(self.scratch, "values")
-        out, weights = attend(query, stored_keys, old_values, keys, values, attention_mask, scaling, **options)
+        bias = None if self.logit_bias is None else self.logit_bias[..., : self.key_stream.old_length]
+        out, weights = attend(
+            query, stored_keys, old_values, keys, values, attention_mask, scaling, logit_bias=bias, **options
+        )
         self.observe(query, None, attention_mask, scaling, weights)
         return out
+
+    def biased_mask(self, attention_mask: Tensor | None, query: Tensor, causal: bool) -> Tensor | None:
+        """The mask for attention over every stored token (``update``'s states): ``attention_mask``
+        with the merged tokens' logit bias added (attention.biased_mask), or as it is without one."""
+        if self.logit_bias is None or not self.key_stream.old_length:
+            return attention_mask
+        return biased_mask(attention_mask, self.logit_bias, query, causal)
 
     def _record(self, key_states: Tensor, kwargs: dict) -> None:
         """Record the new tokens' positions (when evicting: stored tokens then differ per head) and scores."""
@@ -859,6 +879,9 @@ class NexusQuantLayer(CacheLayerMixin):
             positions = _positions(length, self.seen, kwargs, key_states.device).to(torch.int32)
             positions = positions[:, None].expand(batch, heads, length).contiguous()  # per head once evicting
             self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        if self.biases:
+            zeros = torch.zeros(batch, heads, length, dtype=torch.float16, device=key_states.device)
+            self.logit_bias = zeros if self.logit_bias is None else torch.cat([self.logit_bias, zeros], -1)
         if self.scorer == "streaming":
             return
         if self.scorer == "keynorm":
@@ -877,6 +900,8 @@ class NexusQuantLayer(CacheLayerMixin):
                 stacklevel=3,
             )
             self.score_by_key_norm()
+        if self.logit_bias is not None:
+            warnings.warn(MERGE_BIAS_LOST, stacklevel=3)
         self.sees_queries, self.route = False, None  # and decode steps hand attention every state again
 
     def score_by_key_norm(self) -> None:
@@ -948,6 +973,7 @@ class NexusQuantLayer(CacheLayerMixin):
         if keep is not None:
             self.positions = _keep(self.positions, keep, candidates)
             self.scores = _keep(self.scores, keep, candidates)
+            self.logit_bias = _keep(self.logit_bias, keep, candidates)
         if self.demotes and leaving:
             self._demote()
 
@@ -986,6 +1012,8 @@ class NexusQuantLayer(CacheLayerMixin):
         target, found = merge_targets(keys, self.key_stream.recent[..., :leaving, :], kept[..., old_length:])
         dropped_weights = weights.gather(-1, dropped) * found
         target_weights = weights[..., old_length:]
+        if self.logit_bias is not None:
+            self._bias_targets(target, found, dropped, old_length, candidates)
         if self.config.merge == "keys_values":
             self.key_stream.merge_into_window(target, keys, dropped_weights, target_weights)
         values = self.value_stream.gather(dropped, leaving)
@@ -993,6 +1021,19 @@ class NexusQuantLayer(CacheLayerMixin):
         if self.scores is not None and self.scorer in ATTENTION_SCORERS:
             merged = torch.scatter_add(target_weights, -1, target, dropped_weights).to(self.scores.dtype)
             self.scores = torch.cat([self.scores[..., :old_length], merged, self.scores[..., candidates:]], -1)
+
+    def _bias_targets(self, target: Tensor, found: Tensor, dropped: Tensor, old_length: int, candidates: int) -> None:
+        """Give each merge target the logit bias log(n), n the tokens it now stands for (itself,
+        and those folded in, counting what they had absorbed): n near-equal keys draw n times one
+        key's attention (as ToMe's proportional attention). Targets leave the window now, so
+        they have absorbed nothing before."""
+        stands_for = self.logit_bias[..., :candidates].float().exp()
+        absorbed = torch.zeros_like(stands_for[..., old_length:])
+        real = found & (self.positions.gather(-1, dropped) != PAD)  # padding stands for nothing
+        absorbed.scatter_add_(-1, target, stands_for.gather(-1, dropped) * real)
+        bias = self.logit_bias.clone()
+        bias[..., old_length:candidates] = absorbed.log1p().half()
+        self.logit_bias = bias
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -1030,6 +1071,8 @@ class NexusQuantLayer(CacheLayerMixin):
             total += batch * heads * stored * 4  # int32 positions
         if self.ranks and self.scorer != "streaming":
             total += batch * heads * stored * 2  # float16 scores
+        if self.biases:
+            total += batch * heads * stored * 2  # float16 logit bias
         return total + _bytes(self.shift)
 
     def offload(self):
@@ -1046,6 +1089,8 @@ class NexusQuantLayer(CacheLayerMixin):
             self.positions = fn(self.positions)
         if self.scores is not None:
             self.scores = fn(self.scores)
+        if self.logit_bias is not None:
+            self.logit_bias = fn(self.logit_bias)
         if self.shift is not None:
             self.shift = fn(self.shift)
 
@@ -1071,7 +1116,7 @@ class NexusQuantLayer(CacheLayerMixin):
         self.settle()
         keys, values = self.key_stream.nbytes(), self.value_stream.nbytes()
         parts = {part: keys[part] + values[part] for part in keys}
-        parts["metadata"] += _bytes(self.positions) + _bytes(self.scores) + _bytes(self.shift)
+        parts["metadata"] += _bytes(self.positions) + _bytes(self.scores) + _bytes(self.logit_bias) + _bytes(self.shift)
         return parts
 
     def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
@@ -1080,7 +1125,12 @@ class NexusQuantLayer(CacheLayerMixin):
         self.settle()
         if not self.is_initialized:
             return {}, {"seen": 0}
-        tensors = {"positions": self.positions, "scores": self.scores, "shift": self.shift}
+        tensors = {
+            "positions": self.positions,
+            "scores": self.scores,
+            "logit_bias": self.logit_bias,
+            "shift": self.shift,
+        }
         state = {"seen": self.seen}
         for name, stream in (("keys", self.key_stream), ("values", self.value_stream)):
             held, state[name] = stream.state_tensors()
@@ -1118,7 +1168,11 @@ class NexusQuantLayer(CacheLayerMixin):
             bound = "at most " if self.evicts else ""
             raise ValueError(f"holds {stored} tokens after {seen} seen; this layer holds {bound}{expected}")
         # Eviction ranks by positions and, unless streaming, scores: one per stored token.
-        wanted = {"positions": self.evicts, "scores": self.ranks and self.scorer != "streaming"}
+        wanted = {
+            "positions": self.evicts,
+            "scores": self.ranks and self.scorer != "streaming",
+            "logit_bias": self.biases,
+        }
         allowed = {*(name for name, needed in wanted.items() if needed), *(() if self.evicts else ("shift",))}
         unexpected = {name for name in tensors if not name.startswith(("keys.", "values.")) and name not in allowed}
         if unexpected:
@@ -1133,7 +1187,7 @@ class NexusQuantLayer(CacheLayerMixin):
                 kind = "int32" if name == "positions" else "float16"
                 found = "nothing" if tensor is None else _describe(tensor)
                 raise ValueError(f"{name} must be {kind} [{batch}, {heads}, {stored}] but is {found}")
-        positions, scores = tensors.get("positions"), tensors.get("scores")
+        positions, scores, bias = tensors.get("positions"), tensors.get("scores"), tensors.get("logit_bias")
         if positions is not None and stored:
             real = positions != PAD
             if ((positions < 0) & real).any() or (positions >= seen).any():
@@ -1142,6 +1196,8 @@ class NexusQuantLayer(CacheLayerMixin):
                 raise ValueError("positions hold a batch row and head of nothing but padding")
         if scores is not None and not torch.isfinite(scores).all():
             raise ValueError("scores must be finite")
+        if bias is not None and not ((bias >= 0) & (bias <= _MAX_LOGIT_BIAS)).all():
+            raise ValueError(f"logit_bias must lie in [0, {_MAX_LOGIT_BIAS:.1f}] (the log of a token count)")
         self.positions, self.shift, self.seen = positions, shift, seen  # what _stored_positions reads
         self.device = keys.recent.device
         if keys.exact_index is not None:
@@ -1151,6 +1207,6 @@ class NexusQuantLayer(CacheLayerMixin):
             slots = torch.arange(keys.exact_index.shape[-1], device=held.device)
             if held.any() and ((at != slots) & held).any():
                 raise ValueError("keys: exact_index must point at the old tokens whose positions are the sinks' slots")
-        self.scores = scores
+        self.scores, self.logit_bias = scores, bias
         self._shift_pending = shift is not None and bool((shift == UNKNOWN_SHIFT).any())
         self.is_initialized = True

@@ -24,7 +24,7 @@ def attention_scores(
         query: [B, Hq, q, d], post-RoPE.
         keys: [B, Hkv, S, d], every key this forward attended to (the last q are the queries' own).
         attention_mask: the mask given to attention: bool [B, 1, q, S] (True = attend), an
-            additive float mask, or None for plain causal attention.
+            additive float mask ([B, 1 or Hq, q, S]), or None for plain causal attention.
         scaling: the softmax scale.
         window: how many of the last queries vote.
         pool: max-pooling width along the keys (SnapKV keeps neighbours of important tokens); 1 = none.
@@ -45,7 +45,8 @@ def attention_scores(
             rows = torch.arange(stored - length + start, stored - length + stop, device=query.device)[:, None]
             logits = logits.masked_fill(torch.arange(stored, device=query.device) > rows, float("-inf"))
         else:
-            mask = attention_mask[..., start:stop, -stored:][:, :, None]  # [B, 1, 1, chunk, S]
+            mask = attention_mask[..., start:stop, -stored:]  # [B, 1 or Hq, chunk, S]
+            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(batch, kv_heads, -1, *mask.shape[-2:])
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
         weights = torch.nan_to_num(logits.softmax(-1))  # a fully masked query row votes for nothing
         scores += weights.mean(2).sum(2)
