@@ -172,3 +172,17 @@ def test_batch_operations_carry_the_bias():
     for ours, theirs in zip(cache.layers, swapped.layers):
         assert torch.equal(theirs.logit_bias, ours.logit_bias.flip(0))
     torch.testing.assert_close(run(swapped, model, ids.flip(0)), run(cache, model, ids).flip(0), atol=1e-5, rtol=0)
+
+
+def test_a_file_with_a_bias_in_the_window_is_refused():
+    """Only encoded tokens absorb others: a bias on a window token would reach SDPA but not the decode path."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    cache = NexusQuantCache(NexusQuantConfig(**MERGED), model=model)
+    with torch.no_grad():
+        model(prompt(batch=2, length=60), cache=cache)
+    tensors, state = cache.layers[0].state_tensors()
+    forged = tensors["logit_bias"].clone()
+    forged[..., -1] = 1.0
+    with pytest.raises(ValueError, match="logit_bias must be 0 in the full-precision window"):
+        copy.deepcopy(cache.layers[0]).restore({**tensors, "logit_bias": forged}, state)

@@ -122,7 +122,7 @@ class NexusQuantCache(Cache):
         if config.merge_bias and config.evicts and self._query_source is None:
             warnings.warn(
                 "`merge_bias` adds merged tokens' logit bias in the cache's own attention, which needs "
-                "`model=` (a model whose attention SDPA computes); without it merged tokens attend without it",
+                "`model=` (a model whose attention SDPA computes); without it merged tokens attend with no bias",
                 stacklevel=2,
             )
         self.scorer = scorer

@@ -1198,6 +1198,8 @@ class NexusQuantLayer(CacheLayerMixin):
             raise ValueError("scores must be finite")
         if bias is not None and not ((bias >= 0) & (bias <= _MAX_LOGIT_BIAS)).all():
             raise ValueError(f"logit_bias must lie in [0, {_MAX_LOGIT_BIAS:.1f}] (the log of a token count)")
+        if bias is not None and (bias[..., keys.old_length :] != 0).any():
+            raise ValueError("logit_bias must be 0 in the full-precision window (only encoded tokens absorb others)")
         self.positions, self.shift, self.seen = positions, shift, seen  # what _stored_positions reads
         self.device = keys.recent.device
         if keys.exact_index is not None:
