@@ -94,6 +94,17 @@ def test_merged_tokens_stand_for_every_real_token_seen():
         assert (layer.logit_bias >= 0).all() and (layer.logit_bias > 0).any()
 
 
+def prefilled():
+    """A tiny Llama and a merging cache holding its 60-token prompt (2 rows)."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = prompt(batch=2, length=60)
+    cache = NexusQuantCache(NexusQuantConfig(**MERGED), model=model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    return model, ids, cache
+
+
 def run(cache, model, ids, steps=4, grad=False):
     logits = []
     with torch.set_grad_enabled(grad):
@@ -105,12 +116,8 @@ def run(cache, model, ids, steps=4, grad=False):
 def test_decode_steps_apply_the_bias_on_both_attention_paths():
     """The rotated-domain decode path and SDPA over decoded states (autograd keeps the latter)
     give the same logits; zeroing the bias changes them, so it is really applied."""
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
-    ids = prompt(batch=2, length=60)
-    cache = NexusQuantCache(NexusQuantConfig(**MERGED), model=model)
+    model, ids, cache = prefilled()
     with torch.no_grad():
-        model(ids, cache=cache)
         run(cache, model, ids, steps=2)  # the first step confirms the route
     assert cache.layers[0]._route_confirmed
     reference, unbiased = copy.deepcopy(cache), copy.deepcopy(cache)
@@ -122,12 +129,7 @@ def test_decode_steps_apply_the_bias_on_both_attention_paths():
 
 
 def test_the_bias_is_saved_loaded_and_checked(tmp_path):
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
-    ids = prompt(batch=2, length=60)
-    cache = NexusQuantCache(NexusQuantConfig(**MERGED), model=model)
-    with torch.no_grad():
-        model(ids, cache=cache)
+    model, ids, cache = prefilled()
     cache.save(tmp_path / "merged.nqc")
     loaded = NexusQuantCache.load(tmp_path / "merged.nqc", model=model)
     for ours, theirs in zip(cache.layers, loaded.layers):
@@ -160,12 +162,7 @@ def test_merge_bias_settings_and_warnings():
 
 def test_batch_operations_carry_the_bias():
     """Beams reorder the rows: the reordered cache decodes as the original's rows, swapped."""
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
-    ids = prompt(batch=2, length=60)
-    cache = NexusQuantCache(NexusQuantConfig(**MERGED), model=model)
-    with torch.no_grad():
-        model(ids, cache=cache)
+    model, ids, cache = prefilled()
     cache.stats()  # settled: the tokens that left the window merged
     swapped = copy.deepcopy(cache)
     swapped.reorder_cache(torch.tensor([1, 0]))
@@ -176,11 +173,7 @@ def test_batch_operations_carry_the_bias():
 
 def test_a_file_with_a_bias_in_the_window_is_refused():
     """Only encoded tokens absorb others: a bias on a window token would reach SDPA but not the decode path."""
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
-    cache = NexusQuantCache(NexusQuantConfig(**MERGED), model=model)
-    with torch.no_grad():
-        model(prompt(batch=2, length=60), cache=cache)
+    _, _, cache = prefilled()
     tensors, state = cache.layers[0].state_tensors()
     forged = tensors["logit_bias"].clone()
     forged[..., -1] = 1.0
