@@ -19,6 +19,7 @@ CONFIGS = {
     "exact first layer": (dict(key_bits=4, value_bits=4, layer_overrides={0: {"key_bits": 16}}), (3.0, 6.0)),
     "streaming": (dict(key_bits=3, value_bits=2, scorer="streaming"), (6.0, 9.0)),
     "K4V2 merge bias": (dict(key_bits=4, value_bits=2, merge="keys_values", merge_bias=True), (4.5, 7.5)),
+    "K4V4 demote 8-bit scales": (dict(key_bits=4, value_bits=4, full_bits_ratio=0.5, scale_bits=8), (4.5, 7.5)),
 }
 
 

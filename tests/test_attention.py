@@ -61,6 +61,7 @@ CONFIGS = {
     "no-conditioning": NexusQuantConfig(center_keys=False, **SMALL),
     "snapkv": NexusQuantConfig(keep_ratio=0.5, sink_tokens=2, **SMALL),
     "h2o": NexusQuantConfig(keep_ratio=0.5, scorer="h2o", value_bits=2, **SMALL),
+    "8-bit scales": NexusQuantConfig(value_bits=2, scale_bits=8, keep_ratio=0.5, sink_tokens=2, **SMALL),
 }
 
 

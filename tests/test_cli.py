@@ -189,6 +189,8 @@ def test_options_say_their_allowed_values(capsys):
     assert config_from(parse([*base, "--target-ratio", "8"])).target_ratio == 8.0
     assert config_from(parse([*base, "--preset", "8x"])).target_ratio == 8.0
     assert config_from(parse([*base, "--preset", "8x", "--target-ratio", "none"])).target_ratio is None
+    assert config_from(parse([*base, "--preset", "8x"])).scale_bits == 8
+    assert config_from(parse([*base, "--preset", "8x", "--scale-bits", "16"])).scale_bits == 16
     for flag, bad, allowed in [
         ("--method", "pq", "'e8', 'scalar'"),
         ("--scorer", "random", "'snapkv', 'h2o', 'keynorm', 'streaming'"),

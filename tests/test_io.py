@@ -29,6 +29,9 @@ CONFIGS = {
     "mixed": NexusQuantConfig(
         key_bits=16, value_bits=3, recent_window=6, block_size=5, layer_overrides={0: {"key_bits": 2}}
     ),
+    "8-bit-scales-demote": NexusQuantConfig(
+        key_bits=4, value_bits=2, recent_window=6, block_size=4, keep_ratio=0.6, full_bits_ratio=0.5, scale_bits=8
+    ),
 }
 QUESTION = prompt(batch=2, length=5, seed=3)
 
@@ -277,8 +280,8 @@ def craft(saved, header_change=None, **metadata_changes):
 
 
 def test_another_format_version_is_refused(tmp_path, saved):
-    with pytest.raises(CacheFileError, match="format version '5'; this nexusquant-cache reads versions 1, 2, 3, 4"):
-        load_bytes(tmp_path, craft(saved, format_version="5"))
+    with pytest.raises(CacheFileError, match="format version '6'; this nexusquant-cache reads versions 1, 2, 3, 4, 5"):
+        load_bytes(tmp_path, craft(saved, format_version="6"))
     with pytest.raises(CacheFileError, match="format version None"):
         load_bytes(tmp_path, craft(saved, format_version=None))
     with pytest.raises(CacheFileError, match="a safetensors file but not a nexusquant-cache file"):
@@ -563,13 +566,15 @@ def test_smollm2_round_trip_and_file_size(tmp_path):
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.mark.parametrize("version, atol", [(1, 1e-6), (2, 0.0), (3, 0.0)])
+@pytest.mark.parametrize("version, atol", [(1, 1e-6), (2, 0.0), (3, 0.0), (4, 0.0)])
 def test_files_of_earlier_format_versions_still_load(tmp_path, version, atol):
     """A file an earlier release wrote (tests/data) loads, serves the keys it served then (within
     float rounding for version 1, written before key conditioning; bit for bit for version 2,
     conditioned K4V2 with eviction, written just before the bump to version 3 in the layout every
-    version 2 release wrote, and for version 3, K4V4 with eviction and demotion to 2 bits, written
-    just before the bump to version 4), goes on, and saved again is a version 4 file."""
+    version 2 release wrote; for version 3, K4V4 with eviction and demotion to 2 bits, written
+    just before the bump to version 4; for version 4, K4V2 with eviction and merging with a
+    logit bias, written just before the bump to version 5), goes on, and saved again is a
+    version 5 file."""
     torch.manual_seed(0)
     model = tiny_llama().eval()
     ids = prompt(batch=2, length=40)
@@ -582,8 +587,11 @@ def test_files_of_earlier_format_versions_still_load(tmp_path, version, atol):
         stream.dtype = torch.float32
         served = torch.cat([stream.old_states(), stream.recent.float()], dim=-2)
         torch.testing.assert_close(served, expected[f"layer{index}"], atol=atol, rtol=0)
+        if version == 4:  # every one of the 40 tokens is still counted by the merged tokens' biases
+            counted = layer.logit_bias.float().exp().sum(-1)
+            torch.testing.assert_close(counted, torch.full_like(counted, 40.0), atol=0.01, rtol=0)
     loaded.save(tmp_path / "again.nqc")
-    assert metadata((tmp_path / "again.nqc").read_bytes())["format_version"] == "4"
+    assert metadata((tmp_path / "again.nqc").read_bytes())["format_version"] == "5"
     tokens, _ = continue_from(model, ids, loaded)
     assert tokens.shape[1] == ids.shape[1] + QUESTION.shape[1] + 8
 

@@ -87,6 +87,7 @@ CONFIGS = {
     "K4V4 h2o": dict(key_bits=4, value_bits=4, keep_ratio=0.6, scorer="h2o", sink_tokens=2),
     "K4V2 demote": dict(key_bits=4, value_bits=2, full_bits_ratio=0.4, sink_tokens=2),
     "K4V4 demote evict": dict(key_bits=4, value_bits=4, keep_ratio=0.7, full_bits_ratio=0.4, sink_tokens=2),
+    "K4V2 demote 8-bit scales": dict(key_bits=4, value_bits=2, full_bits_ratio=0.4, scale_bits=8, sink_tokens=2),
 }
 
 

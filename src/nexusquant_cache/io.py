@@ -41,11 +41,12 @@ __all__ = [
 ]
 
 FORMAT = "nexusquant-cache"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Version 2 added key conditioning (layer.py), version 3 tiered codes (a side's old part "tiered":
 # codec/tiers.py), version 4 the config's ``target_ratio`` and ``merge_bias`` and a layer's
-# ``logit_bias``; files of versions 1 (a plain key ``offset`` at most), 2 and 3 still load.
-READABLE_VERSIONS = ("1", "2", "3", "4")
+# ``logit_bias``, version 5 the config's ``scale_bits`` (8-bit log scales and their ``octave``); files of
+# versions 1 (a plain key ``offset`` at most) to 4 still load.
+READABLE_VERSIONS = ("1", "2", "3", "4", "5")
 _TENSOR_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(.+)")
 
 

@@ -32,6 +32,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .attention import Codes, Scratch, StoredKeys, attend, biased_mask, codes_of
 from .codec import SUPPORTED_DTYPES, Encoded, Tiered, decode, encode, vector_nbytes
+from .codec.encoding import SCALE_DTYPE
 from .conditioning import GUARD_FACTOR, KeyConditioning, Rope, fit_key_conditioning, guard_limit, logit_error
 from .config import NexusQuantConfig
 from .pages import Pages, concat, length, take
@@ -326,7 +327,7 @@ class KVStream:
                 return window.clone()  # as the window held it: widening float16 to float32 would gain nothing
         if self.conditioning is not None:
             states = self.conditioning.forward(states, positions)
-        encoded = encode(states, self.bits, self.config.method, self.config.seed)
+        encoded = encode(states, self.bits, self.config.method, self.config.seed, self.config.scale_bits)
         return Tiered.of(encoded) if self.tiered else encoded
 
     def above_2_bits(self) -> Tensor:
@@ -416,12 +417,13 @@ class KVStream:
         if self.bits == 16:  # at 16 bits, or kept exact by the guard: old tokens as the window holds them
             old_bytes = batch * heads * old * dim * self.recent.element_size()
         elif self.tiered:
-            second = vector_nbytes(dim, 4) - vector_nbytes(dim, 2)
+            scale_bits = self.config.scale_bits
+            second = vector_nbytes(dim, 4, scale_bits) - vector_nbytes(dim, 2, scale_bits)
             pages, rest = divmod(old, self.pages.size)
             mask = pages * -(-self.pages.size // 8) + -(-rest // 8)  # one bit per token, per page
-            old_bytes = batch * heads * (old * vector_nbytes(dim, 2) + full * second + mask)
+            old_bytes = batch * heads * (old * vector_nbytes(dim, 2, scale_bits) + full * second + mask)
         else:
-            old_bytes = batch * heads * old * vector_nbytes(dim, self.bits)
+            old_bytes = batch * heads * old * vector_nbytes(dim, self.bits, self.config.scale_bits)
         return window_bytes + old_bytes + self._planned_conditioning_nbytes(old)
 
     def _planned_conditioning_nbytes(self, old: int) -> int:
@@ -476,6 +478,8 @@ class KVStream:
             if tiered:
                 tensors |= {"second": old.second, "full": old.packed_full}
             state |= {"old": "tiered" if tiered else "codes", "method": codes.method.value, "seed": codes.seed}
+            if codes.scale_bits == 8:
+                state["octave"] = codes.octave  # what the log scales count down from
             state["dtype"] = str(codes.dtype).removeprefix("torch.")
         elif self.old_length:  # an empty 16-bit part is the same as none
             tensors["old"] = old
@@ -543,7 +547,14 @@ class KVStream:
             if dtype is None:
                 raise ValueError(f"codes decode to dtype {state.get('dtype')!r}, none of {list(_DTYPES)}")
             bits = 2 if kind == "tiered" else self.bits  # a Tiered's codes are its first stages
-            old = Encoded(tensors["codes"], tensors["scales"], bits, self.config.method, self.config.seed, dtype)
+            scales, octave = tensors["scales"], state.get("octave", 0)
+            log = self.config.scale_bits == 8  # uint8 log codes below 2 ** octave, else bfloat16
+            if scales.dtype != (torch.uint8 if log else SCALE_DTYPE) or ("octave" in state) != log:
+                raise ValueError(
+                    f"scales are {_describe(scales)} with octave {state.get('octave')!r} but scale_bits "
+                    f"{self.config.scale_bits} holds {'uint8 with an octave' if log else 'bfloat16 without one'}"
+                )
+            old = Encoded(tensors["codes"], scales, bits, self.config.method, self.config.seed, dtype, octave)
             if old.scales.dim() != 3 or old.shape[:2] != (batch, heads) or old.dim != dim:
                 raise ValueError(f"codes decode to {list(old.shape)}, which does not fit recent {list(recent.shape)}")
             if kind == "tiered":

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .codec import Encoded, Tiered
+from .codec import Encoded, Tiered, join
 
 __all__ = ["PAGE_TOKENS", "Pages", "Rows", "take", "concat", "length"]
 
@@ -125,9 +125,5 @@ def concat(parts: list[Rows | None]) -> Rows | None:
     if isinstance(parts[0], Tiered):
         return Tiered.concat(parts)
     if isinstance(parts[0], Encoded):
-        return dataclasses.replace(
-            parts[0],
-            codes=torch.cat([p.codes for p in parts], dim=2),
-            scales=torch.cat([p.scales for p in parts], dim=2),
-        )
+        return join(parts, 2)
     return torch.cat(parts, dim=2)

@@ -7,6 +7,7 @@ Names are imported on first use (PEP 562): :mod:`.choices` needs no torch.
 from .._lazy import lazy_attributes
 
 _HOMES = {
+    "SCALE_BITS": "choices",
     "SUPPORTED_BITS": "choices",
     "Method": "choices",
     "SUPPORTED_DTYPES": "encoding",
@@ -14,6 +15,7 @@ _HOMES = {
     "decode": "encoding",
     "decode_units": "encoding",
     "encode": "encoding",
+    "join": "encoding",
     "vector_nbytes": "encoding",
     "OrbitCodebook": "lattice",
     "ball_codebook": "lattice",

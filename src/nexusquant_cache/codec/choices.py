@@ -3,9 +3,10 @@ checked (and the command line can list the choices) without loading it."""
 
 from enum import Enum
 
-__all__ = ["SUPPORTED_BITS", "Method"]
+__all__ = ["SCALE_BITS", "SUPPORTED_BITS", "Method"]
 
 SUPPORTED_BITS = (2, 3, 4)
+SCALE_BITS = (16, 8)  # bfloat16 scales, or 8-bit log codes (encoding.py)
 
 
 class Method(str, Enum):

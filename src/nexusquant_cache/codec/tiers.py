@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .encoding import SCALE_DTYPE, Encoded
+from .encoding import Encoded, join
 from .packing import unpack_words
 from .quantizers import quantizer
 from .rotation import unrotate
@@ -118,7 +118,7 @@ class Tiered:
             extra = torch.empty_like(flat[: len(rows)]) if second_out is None else second_out[: len(rows)]
             book.units([self.second], extra)  # 2 c2
             flat.index_add_(0, rows, extra, alpha=0.25)  # 2 c1 + 2 c2 / 4 = 2 c: multiples of 1/4, exact
-        return out, self.first.scales.float().mul_(_UNIT), 0.0
+        return out, self.first.scale_values().mul_(_UNIT), 0.0
 
     def decode(self) -> Tensor:
         """The vectors [B, H, T, d] in the dtype the codes were encoded from."""
@@ -142,10 +142,10 @@ class Tiered:
         c1 = book.dequantize(unpack_words(flat_codes[where], 2).view(-1)).view(len(where), -1)
         c4 = c1 + book.dequantize(unpack_words(self.second[rows], 2).view(-1)).view(len(where), -1) / 4
         fit = (c4 * c1).sum(-1) / (c1 * c1).sum(-1).clamp_min(_TINY)  # 0 for a zero first stage
-        scales = self.first.scales.reshape(-1).clone()
-        scales[where] = (scales[where].float() * fit).to(SCALE_DTYPE)
+        scales = self.first.scale_values().reshape(-1)
+        scales[where] *= fit
         kept = full & ~going
-        first = dataclasses.replace(self.first, scales=scales.view_as(self.first.scales))
+        first = self.first.with_scale_values(scales.view(self.first.scales.shape))
         return Tiered(first, _pack(kept), self.second[_row_ids(full)[kept]])
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> "Tiered":
@@ -169,11 +169,7 @@ class Tiered:
         offsets = torch.tensor([0, *(len(part.second) for part in parts[:-1])]).cumsum(0).tolist()
         ids = torch.cat([_row_ids(full) + offset for full, offset in zip(fulls, offsets)], -1)
         full = torch.cat(fulls, -1)
-        first = dataclasses.replace(
-            parts[0].first,
-            codes=torch.cat([p.first.codes for p in parts], 2),
-            scales=torch.cat([p.first.scales for p in parts], 2),
-        )
+        first = join([p.first for p in parts], 2)
         second = torch.cat([p.second for p in parts])
         return Tiered(first, _pack(full), second[ids[full]])
 
