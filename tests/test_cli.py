@@ -225,8 +225,11 @@ def test_options_say_their_allowed_values(capsys):
 def test_a_model_name_not_on_disk_fails_without_touching_the_network(monkeypatch, tmp_path):
     import socket
 
+    from huggingface_hub import constants as hub_constants
+
     from nexusquant_cache.models import load_model
 
+    offline_before = hub_constants.HF_HUB_OFFLINE
     attempts = []
 
     def refuse(*args, **kwargs):
@@ -239,7 +242,11 @@ def test_a_model_name_not_on_disk_fails_without_touching_the_network(monkeypatch
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="a cached model name .set HF_HUB_OFFLINE=0 to download"):
         load_model("no-such-org/no-such-model")
+    for path in ("./no-such-folder", str(tmp_path / "missing")):  # a path says so, not "invalid repo id"
+        with pytest.raises(ValueError, match="is no folder: give a transformers model folder"):
+            load_model(path)
     assert attempts == []
+    assert hub_constants.HF_HUB_OFFLINE is offline_before  # the hub's switch, set while loading, is back
 
 
 def test_a_reader_that_stops_early_gets_no_error():

@@ -24,11 +24,13 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from contextlib import contextmanager
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -155,12 +157,29 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: boo
     if source in OFFLINE_MODELS:
         return OFFLINE_MODELS[source](dtype)
     local_only = os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
+    if source.startswith((".", "~", "/")) and not Path(source).expanduser().is_dir():  # a path (else the hub's
+        # error would speak of an invalid repo id)
+        raise ValueError(f"--model {source!r} is no folder: give a transformers model folder (with config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only).eval()
-        return model, AutoTokenizer.from_pretrained(source, local_files_only=local_only) if tokenizer else None
+        with _hub_offline(local_only):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only).eval()
+            return model, AutoTokenizer.from_pretrained(source, local_files_only=local_only) if tokenizer else None
     except OSError as error:
         hub = " (set HF_HUB_OFFLINE=0 to download a model name from the hub)" if local_only else ""
         raise ValueError(
             f"--model must be 'smollm2', 'gemma3', 'qwen2.5-coder-0.5b', a local model folder or a cached model "
             f"name{hub}, but {source!r} did not load: {error}"
         ) from None
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's own offline switch, set while ``offline`` and restored after (also on
+    errors): from version 2.4 it asks the hub for a registry of coding agents whenever it builds
+    request headers, even for ``local_files_only``; only this flag stops that."""
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
