@@ -318,3 +318,34 @@ def test_a_layer_kept_at_16_bits_is_not_tiered():
     first, second = cache.layers[0], cache.layers[1]
     assert not first.demotes and first.scores is None and isinstance(first.key_stream.old, torch.Tensor)
     assert second.demotes and not second.key_stream.old.full.all()
+
+
+@pytest.mark.parametrize("split", ["head", "layer"])
+def test_a_layer_split_gives_4_bits_to_the_heads_whose_attention_is_spread(split):
+    """``full_bits_split="layer"`` keeps the layer's top (head, token) pairs by attention mass:
+    a head that attends to few tokens gives its share to one that attends to many, the sinks stay
+    at 4 bits, and the count at 4 bits, so the bytes, are those planned (the same as ``"head"``)."""
+    config = NexusQuantConfig(
+        key_bits=4, value_bits=2, full_bits_ratio=0.5, recent_window=8, block_size=4, sink_tokens=2,
+        scorer="keynorm", full_bits_split=split,
+    )  # fmt: skip
+    layer = NexusQuantLayer(config)
+    keys, values = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    layer.update(keys, values)
+    scores = torch.zeros(1, 3, 40)
+    scores[0, 0, 10:13] = 1.0  # concentrated: three tokens take all the mass
+    scores[0, 1] = torch.linspace(0.02, 0.04, 40)  # spread over every token
+    scores[0, 2, 20:30] = 0.1  # in between
+    layer.scores = scores.half()  # attention masses as an attention scorer sums them
+    layer.settle()
+    above = layer.key_stream.above_2_bits()
+    allowed = config.full_bits_budget(40) - 8  # 12 per head, the window aside
+    counts = above.sum(-1)[0].tolist()
+    assert sum(counts) == 3 * allowed
+    assert above[..., :2].all()  # the sinks
+    if split == "head":
+        assert counts == [allowed] * 3
+    else:
+        assert counts[0] == 2 + 3 and counts[0] < counts[2] < counts[1]
+        assert above[0, 0, 10:13].all() and above[0, 2, 20:30].all()
+    assert sum(layer.nbytes().values()) == layer.planned_nbytes(40, 40)

@@ -20,6 +20,8 @@ MAX_SEED = 2**63 - 1  # seeds travel as int64 (torch) and JSON integers
 SCORERS = ("snapkv", "h2o", "keynorm", "streaming")
 # What evicted tokens fold into (policy.py): nothing, the kept token's value, or its key and value.
 MERGES = ("off", "values", "keys_values")
+# How a layer's 4-bit tokens (full_bits_ratio) are shared among its KV heads.
+FULL_BITS_SPLITS = ("head", "layer")
 # Points on the measured Pareto front of docs/results.md (SmolLM2-135M, 4k tokens of Emma, 8
 # windows), with these exact settings and key conditioning on: real ratio against a 16-bit
 # cache, perplexity change.
@@ -77,6 +79,11 @@ class NexusQuantConfig:
             stage of their codes and holds them at 2 bits (not encoded again; tokens only move
             down; sides at other bits are unchanged). 1 demotes nothing. The sinks and the
             full-precision window count against it and are never demoted.
+        full_bits_split: how those full-bit tokens are shared among a layer's KV heads:
+            ``"head"`` (each head of each batch row keeps the same count, its top-ranked) or
+            ``"layer"`` (the top-ranked (head, token) pairs of the batch row, so a head whose
+            attention is spread keeps more than one whose attention is concentrated). The same
+            bytes either way.
         sink_tokens: the first tokens of the text (by position) are never evicted.
         scorer: how tokens are ranked for eviction: ``"snapkv"`` (attention of the last
             ``observation_window`` queries of every forward, pooled; older votes fade over about
@@ -118,6 +125,7 @@ class NexusQuantConfig:
     token_budget: int | None = None
     target_ratio: float | None = None
     full_bits_ratio: float = 1.0
+    full_bits_split: str = "head"
     sink_tokens: int = 4
     scorer: str = "snapkv"
     observation_window: int = 64
@@ -164,6 +172,10 @@ class NexusQuantConfig:
             raise ValueError(
                 "`full_bits_ratio` < 1 demotes 4-bit E8 codes to 2 bits, but neither side is 4-bit e8 "
                 f"(key_bits={self.key_bits}, value_bits={self.value_bits}, method={self.method!r})"
+            )
+        if self.full_bits_split not in FULL_BITS_SPLITS:
+            raise ValueError(
+                f"`full_bits_split` must be one of {list(FULL_BITS_SPLITS)} but got {self.full_bits_split!r}"
             )
         self._set_int("sink_tokens", minimum=0)
         self._set_int("observation_window", minimum=1)

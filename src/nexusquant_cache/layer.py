@@ -998,14 +998,22 @@ class NexusQuantLayer(CacheLayerMixin):
             return
         above = tiered[0].above_2_bits()
         allowed = max(self.config.full_bits_budget(self.seen) - tiered[0].recent.shape[-2], self.config.sink_tokens)
-        if (above.sum(-1) <= allowed).all():
+        batch, heads, old_length = above.shape
+        pooled = self.config.full_bits_split == "layer"  # the heads of a batch row share heads * allowed
+        if (above.flatten(1).sum(-1) <= allowed * heads).all() if pooled else (above.sum(-1) <= allowed).all():
             return
-        old_length = above.shape[-1]
         positions = self._stored_positions(0, old_length).expand_as(above)
         positions = positions.masked_fill(positions < 0, PAD)  # left padding (shifted below 0) ranks last
         ranking = (positions if self.scores is None else self.scores[..., :old_length]).float()
-        kept = select_kept(ranking.masked_fill(~above, float("-inf")), positions, allowed, self.config.sink_tokens)
-        demoted = torch.ones_like(above).scatter_(-1, kept, False)
+        ranking = ranking.masked_fill(~above, float("-inf"))
+        if pooled:  # attention masses are comparable across heads; positions too
+            kept = select_kept(
+                ranking.reshape(batch, 1, -1), positions.reshape(batch, 1, -1), allowed * heads, self.config.sink_tokens
+            ).view(batch, -1)
+            demoted = torch.ones_like(above).view(batch, -1).scatter_(-1, kept, False).view_as(above)
+        else:
+            kept = select_kept(ranking, positions, allowed, self.config.sink_tokens)
+            demoted = torch.ones_like(above).scatter_(-1, kept, False)
         for stream in tiered:
             stream.demote(demoted)
 
