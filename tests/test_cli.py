@@ -242,7 +242,7 @@ def test_a_model_name_not_on_disk_fails_without_touching_the_network(monkeypatch
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="a cached model name .set HF_HUB_OFFLINE=0 to download"):
         load_model("no-such-org/no-such-model")
-    for path in ("./no-such-folder", str(tmp_path / "missing")):  # a path says so, not "invalid repo id"
+    for path in ("./no-such-folder", tmp_path / "missing", "~no-such-user-x/model"):  # not "invalid repo id"
         with pytest.raises(ValueError, match="is no folder: give a transformers model folder"):
             load_model(path)
     assert attempts == []

@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
-from nexusquant_cache import NexusQuantCache, NexusQuantConfig
-from nexusquant_cache.codec import Encoded, Tiered, decode, encode, join, rotation_matrix, vector_nbytes
+from nexusquant_cache import NexusQuantCache, NexusQuantConfig, pages
+from nexusquant_cache.codec import (
+    Encoded,
+    Tiered,
+    decode,
+    decode_units,
+    encode,
+    join,
+    rotation_matrix,
+    vector_nbytes,
+)
 from nexusquant_cache.codec.packing import unpack_words
 from nexusquant_cache.codec.quantizers import quantizer
 from tests.tiny_models import greedy, prompt, tiny_llama
@@ -89,7 +98,7 @@ def test_pieces_at_different_octaves_join_with_their_values_kept():
     # fall below the 16 octaves held: none here).
     assert torch.equal(joined.scale_values(), kept)
     assert torch.equal(decode(joined), torch.cat([decode(part) for part in parts], -2))
-    with pytest.raises(ValueError, match="only move to a higher octave"):
+    with pytest.raises(ValueError, match="need an octave of at least"):
         parts[1].at_octave(parts[0].octave)
     with pytest.raises(ValueError, match="share bits, method, seed and scale format"):
         join([parts[0], encode(small.view(2, 200, 64), 4)])
@@ -97,6 +106,31 @@ def test_pieces_at_different_octaves_join_with_their_values_kept():
     tiny = encode(torch.randn(1, 3, 64) * 2.0**-30, 4, scale_bits=8)
     joined = join([tiny, encode(torch.randn(1, 3, 64), 4, scale_bits=8)], 1)
     assert (joined.scales[0, :3] == 0).all() and (joined.scales[0, 3:] > 0).all()
+
+
+def test_an_evicted_outlier_no_longer_sets_the_octave():
+    """A token 2^18 times larger than the rest sets its block's octave (its neighbours fall off
+    the bottom); once eviction drops it, the next join lowers the octave to what is held
+    (exactly), so new tokens are not zeroed."""
+    x = torch.randn(1, 1, 4, 64)
+    x[..., 1, :] *= 2.0**18
+    block = encode(x, 4, scale_bits=8)
+    kept = pages.take(block, torch.tensor([[[0, 2, 3]]]))  # the outlier evicted
+    assert kept.octave == block.octave and kept.lowest_octave < block.octave - 15
+    joined = join([kept, encode(torch.randn(1, 1, 2, 64), 4, scale_bits=8)], -1)
+    assert joined.octave == joined.lowest_octave < block.octave - 15
+    assert (joined.scales[..., 3:] > 0).all()  # without the lower octave: zero
+    # Lowering is exact where the neighbours survived (an outlier 2^12 times larger).
+    x[..., 1, :] /= 2.0**6
+    kept = pages.take(encode(x, 4, scale_bits=8), torch.tensor([[[0, 2, 3]]]))
+    lowered = kept.at_octave(kept.lowest_octave)
+    assert lowered.octave < kept.octave - 10 and (lowered.scales > 0).all()
+    assert torch.equal(lowered.scale_values(), kept.scale_values())
+    # Read as pages (attention) or joined (decode, save): one octave, the same values.
+    far = [encode(torch.randn(1, 1, 3, 64), 4, scale_bits=8), block]
+    _, factor, _ = decode_units(far)
+    _, joined_factor, _ = decode_units(join(far, -1))
+    assert torch.equal(factor, joined_factor) and (factor[..., :3] == 0).all()  # 2^18 below: off the bottom
 
 
 def test_demotion_refits_onto_the_grid_and_keeps_the_first_stage():
@@ -175,3 +209,5 @@ def test_the_config_checks_scale_bits():
     for bad in (4, 8.0, True, "8"):
         with pytest.raises(ValueError, match="`scale_bits` must be one of"):
             NexusQuantConfig(scale_bits=bad)
+        with pytest.raises(ValueError, match="`scale_bits` must be one of"):
+            encode(torch.randn(2, 64), 2, scale_bits=bad)

@@ -58,8 +58,8 @@ class NexusQuantConfig:
         method: ``"e8"`` (lattice codebooks) or ``"scalar"`` (Lloyd-Max baseline).
         seed: seed of the randomized Hadamard rotation.
         scale_bits: bits of each encoded vector's scale: 16 (bfloat16) or 8 (a log code, 16 steps
-            per octave, below a power of two shared by the layer's codes; vectors over 65,000
-            times smaller than the largest become zero). K4V2 at head_dim 64 holds 50 bytes per
+            per octave, below a power of two shared by a page of codes; a vector 2^15 to 2^16
+            times smaller than the largest held becomes zero). K4V2 at head_dim 64 holds 50 bytes per
             token and head instead of 52; measured not to raise perplexity (docs/results.md,
             "8-bit scales").
         keep_ratio: fraction of the tokens seen that each full-attention layer keeps, in (0, 1];

@@ -154,10 +154,11 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", tokenizer: boo
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"`dtype` must be a torch dtype name such as 'float32' but got {dtype!r}")
+    source = os.fspath(source)  # a Path too
     if source in OFFLINE_MODELS:
         return OFFLINE_MODELS[source](dtype)
     local_only = os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off")
-    if source.startswith((".", "~", "/")) and not Path(source).expanduser().is_dir():  # a path (else the hub's
+    if source.startswith((".", "~", "/")) and not os.path.isdir(os.path.expanduser(source)):  # a path (else the hub's
         # error would speak of an invalid repo id)
         raise ValueError(f"--model {source!r} is no folder: give a transformers model folder (with config.json)")
     try:

@@ -9,11 +9,13 @@ Scales are held in one of two formats (``scale_bits``):
   magnitude, and its 8-bit mantissa costs under 1e-5 in relative error.
 - 8: a log code per vector, 16 steps per octave, below a power of two (``octave``) shared by
   the whole :class:`Encoded`: code c >= 1 stands for ``2 ** (octave + (c - 255) / 16)``, 0 for
-  zero. So 16 octaves below the largest scale are held (a vector 65,000 times smaller than the
-  largest becomes zero), each scale within 2.2% of its value. At 2 bits and head_dim 64 a
+  zero. So 16 octaves below ``2 ** octave`` are held, each scale within 2.2% of its value: a
+  scale 2^15 (about 33,000) to 2^16 times smaller than the largest (by where the largest lies
+  in its octave) becomes zero. At 2 bits and head_dim 64 a
   bfloat16 scale is 11% of a vector's bytes; measured, the 8-bit one changes no perplexity
   (docs/results.md, "8-bit scales"), where 8 steps per octave raised KL by a fifth. Pieces with
-  different octaves are joined by shifting codes down by whole octaves, which is exact.
+  different octaves are joined at the lowest octave that holds them all, by shifting codes by
+  whole octaves, which is exact (but for scales that fall off the bottom).
 """
 
 from __future__ import annotations
@@ -132,20 +134,31 @@ class Encoded:
     def with_scale_values(self, values: Tensor) -> "Encoded":
         """The same codes with new scales ``values`` (float [*batch]) held in this one's format.
         Log codes hold no sign: a negative value becomes 0, the best scale of that sign; the
-        octave rises where a value needs it (the others' codes shift down, exactly)."""
+        octave becomes the lowest that holds the largest value (codes shift, exactly)."""
         if self.scales.dtype == SCALE_DTYPE:
             return dataclasses.replace(self, scales=values.to(SCALE_DTYPE))
-        scales, octave = _log_scales(values.clamp_min(0), self.octave)
+        scales, octave = _log_scales(values.clamp_min(0))
         return dataclasses.replace(self, scales=scales, octave=octave)
 
+    @property
+    def lowest_octave(self) -> int:
+        """The lowest octave that holds these log scales exactly (a large scale gone, by
+        eviction, lets the rest move up); this one's octave for bfloat16 scales."""
+        if self.scales.dtype == SCALE_DTYPE or not self.scales.numel():
+            return self.octave
+        top = int(self.scales.max())
+        return self.octave - (_TOP - top) // _STEPS if top else _OCTAVES[0]
+
     def at_octave(self, octave: int) -> "Encoded":
-        """The same values with log codes counted down from ``octave`` (not below this one's):
-        codes move down by whole octaves, exact but for scales that fall below the 16 octaves held."""
-        if octave < self.octave:
-            raise ValueError(f"log scales can only move to a higher octave, not from {self.octave} to {octave}")
+        """The same values with log codes counted down from ``octave`` (not below
+        :attr:`lowest_octave`): codes move by whole octaves, exact but for scales that fall below
+        the 16 octaves held when the octave rises."""
+        if octave < self.lowest_octave:
+            raise ValueError(f"these log scales need an octave of at least {self.lowest_octave}, not {octave}")
         if octave == self.octave:
             return self
         shifted = self.scales.int() - (octave - self.octave) * _STEPS
+        shifted = shifted.masked_fill_(self.scales == 0, 0)  # zero stays zero
         return dataclasses.replace(self, scales=shifted.clamp_min_(0).to(torch.uint8), octave=octave)
 
     def to(self, device: torch.device | str) -> "Encoded":
@@ -196,7 +209,7 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
     """
     method = Method(method).value if isinstance(method, Method) else method
     _check(x, bits, method)
-    if isinstance(scale_bits, bool) or scale_bits not in SCALE_BITS:
+    if isinstance(scale_bits, bool) or not isinstance(scale_bits, numbers.Integral) or scale_bits not in SCALE_BITS:
         raise ValueError(f"`scale_bits` must be one of {SCALE_BITS} but got {scale_bits!r}")
     bits = int(bits)  # a numpy integer too
     q = quantizer(method, bits)
@@ -261,15 +274,21 @@ def join(parts: list[Encoded], dim: int = -1) -> Encoded:
         for p in parts
     ):
         raise ValueError("pieces joined must share bits, method, seed and scale format")
-    octave = max(p.octave for p in parts)
-    parts = [p.at_octave(octave) for p in parts]
+    parts = _aligned(parts)
     dim = dim % first.scales.dim()
     return dataclasses.replace(
         first,
         codes=torch.cat([p.codes for p in parts], dim),
         scales=torch.cat([p.scales for p in parts], dim),
-        octave=octave,
+        octave=parts[0].octave,
     )
+
+
+def _aligned(parts: list[Encoded]) -> list[Encoded]:
+    """``parts`` with their log scales at one octave, the lowest that holds them all (so what
+    an evicted large scale lifted comes back down)."""
+    octave = max(p.lowest_octave for p in parts)
+    return [p.at_octave(octave) for p in parts]
 
 
 def decode_units(encoded: Encoded | list[Encoded], dtype: torch.dtype = torch.float32, out: Tensor | None = None):
@@ -292,7 +311,8 @@ def decode_units(encoded: Encoded | list[Encoded], dtype: torch.dtype = torch.fl
     first = parts[0]
     if any((p.bits, p.method, p.seed) != (first.bits, first.method, first.seed) for p in parts):
         raise ValueError("pieces read as one must share bits, method and seed")
-    scales = first.scale_values() if len(parts) == 1 else torch.cat([p.scale_values() for p in parts], -1)
+    # Pieces read as one octave, as join would hold them: what attention reads is what decode gives.
+    scales = first.scale_values() if len(parts) == 1 else torch.cat([p.scale_values() for p in _aligned(parts)], -1)
     if out is None:
         out = torch.empty((*scales.shape, first.dim), dtype=dtype, device=scales.device)
     unit, bias = quantizer(first.method.value, first.bits).units([p.codes for p in parts], out.view(-1, first.dim))
