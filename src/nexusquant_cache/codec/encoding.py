@@ -11,11 +11,11 @@ Scales are held in one of two formats (``scale_bits``):
   the whole :class:`Encoded`: code c >= 1 stands for ``2 ** (octave + (c - 255) / 16)``, 0 for
   zero. So 16 octaves below ``2 ** octave`` are held, each scale within 2.2% of its value: a
   scale 2^15 (about 33,000) to 2^16 times smaller than the largest (by where the largest lies
-  in its octave) becomes zero. At 2 bits and head_dim 64 a
-  bfloat16 scale is 11% of a vector's bytes; measured, the 8-bit one changes no perplexity
-  (docs/results.md, "8-bit scales"), where 8 steps per octave raised KL by a fifth. Pieces with
-  different octaves are joined at the lowest octave that holds them all, by shifting codes by
-  whole octaves, which is exact (but for scales that fall off the bottom).
+  in its octave) becomes zero. At 2 bits and head_dim 64 a bfloat16 scale is 11% of a vector's
+  bytes; at a byte budget the 8-bit one measured as good or better (docs/results.md, "8-bit
+  scales"), where 8 steps per octave raised KL by a fifth. Pieces with different octaves are
+  joined at the lowest octave that holds them all, by shifting codes by whole octaves, which is
+  exact (but for scales that fall off the bottom).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Encoded:
         if self.scales.dtype == SCALE_DTYPE or not self.scales.numel():
             return self.octave
         top = int(self.scales.max())
-        return self.octave - (_TOP - top) // _STEPS if top else _OCTAVES[0]
+        return max(self.octave - (_TOP - top) // _STEPS, _OCTAVES[0]) if top else _OCTAVES[0]
 
     def at_octave(self, octave: int) -> "Encoded":
         """The same values with log codes counted down from ``octave`` (not below
@@ -250,12 +250,10 @@ def encode(x: Tensor, bits: int, method: Method | str = Method.E8, seed: int = 0
     )
 
 
-def _log_scales(values: Tensor, octave: int | None = None) -> tuple[Tensor, int]:
-    """uint8 log codes of nonnegative ``values`` and their octave: the given one, or the lowest
-    that holds the largest value, whichever is higher."""
+def _log_scales(values: Tensor) -> tuple[Tensor, int]:
+    """uint8 log codes of nonnegative ``values`` and their octave, the lowest that holds the largest."""
     largest = float(values.detach().max()) if values.numel() else 0.0
-    needed = math.ceil(math.log2(largest)) if largest > 0 else _OCTAVES[0]
-    octave = needed if octave is None else max(octave, needed)
+    octave = math.ceil(math.log2(largest)) if largest > 0 else _OCTAVES[0]
     if not _OCTAVES[0] <= octave <= _OCTAVES[1]:
         raise ValueError(
             f"`x` holds vectors too large or too small to encode with 8-bit scales (the largest scale, "
