@@ -12,10 +12,10 @@ Scales are held in one of two formats (``scale_bits``):
   zero. So 16 octaves below ``2 ** octave`` are held, each scale within 2.2% of its value: a
   scale 2^15 (about 33,000) to 2^16 times smaller than the largest (by where the largest lies
   in its octave) becomes zero. At 2 bits and head_dim 64 a bfloat16 scale is 11% of a vector's
-  bytes; at a byte budget the 8-bit one measured as good or better (docs/results.md, "8-bit
-  scales"), where 8 steps per octave raised KL by a fifth. Pieces with different octaves are
-  joined at the lowest octave that holds them all, by shifting codes by whole octaves, which is
-  exact (but for scales that fall off the bottom).
+  bytes; at a byte budget the 8-bit one measured better, or within 0.15 points
+  (docs/results.md, "8-bit scales"), where 8 steps per octave raised KL by a fifth. Pieces with
+  different octaves are joined at the lowest octave that holds them all, by shifting codes by
+  whole octaves, which is exact (but for scales that fall off the bottom).
 """
 
 from __future__ import annotations
