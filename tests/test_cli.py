@@ -198,6 +198,8 @@ def test_options_say_their_allowed_values(capsys):
         ("--dtype", "int8", "'float32', 'bfloat16', 'float16'"),
         ("--token-budget", "lots", "expected an integer or none"),
         ("--target-ratio", "much", "expected a number or none"),
+        ("--scale-bits", "4", "choose from 16, 8"),
+        ("--full-bits-split", "model", "'head', 'layer'"),
     ]:
         with pytest.raises(SystemExit):
             parse([*base, flag, bad])

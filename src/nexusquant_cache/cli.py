@@ -26,7 +26,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .codec.choices import Method
+from .codec.choices import SCALE_BITS, Method
 from .config import FULL_BITS_SPLITS, MERGES, PRESETS, SCORERS, NexusQuantConfig
 
 if TYPE_CHECKING:
@@ -353,6 +353,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 type=_float_or_none,
                 metavar="RATIO|none",
                 help="a byte budget against a 16-bit cache, e.g. 8 (default none: no budget)",
+            )
+        elif field.name == "scale_bits":
+            options.add_argument(
+                flag, type=int, choices=SCALE_BITS, help="bits per scale: 16 (bfloat16) or 8 (log code) (default 16)"
             )
         elif field.name in _FIELD_CHOICES:
             options.add_argument(flag, choices=_FIELD_CHOICES[field.name], help=f"(default {default})")
