@@ -21,6 +21,7 @@ Scales are held in one of two formats (``scale_bits``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -51,8 +52,6 @@ SCALE_DTYPE = torch.bfloat16  # scale_bits 16
 _STEPS = 16  # log-scale codes per octave at scale_bits 8
 _TOP = 255  # the code of 2 ** octave
 _OCTAVES = (-110, 127)  # octaves a log-scale Encoded may have: every code finite, and normal, in float32
-_LOG_TABLE = torch.exp2((torch.arange(256, dtype=torch.float64) - _TOP) / _STEPS).float()  # at octave 0
-_LOG_TABLE[0] = 0.0
 _CHUNK = 1 << 15  # vectors per step: bounds the temporary memory of the search
 _TINY = torch.finfo(torch.float32).tiny
 _DECODABLE = torch.finfo(torch.float32).max / 2  # decoding runs in float32; half leaves room for rounding
@@ -129,7 +128,7 @@ class Encoded:
             return self.scales.float()
         # A table, not exp2: the same code gives the same float wherever it lies in a tensor
         # (vectorised exp2 may differ in the last bit), so paging changes nothing; times 2^octave is exact.
-        return _LOG_TABLE.to(self.scales.device)[self.scales.long()].mul_(2.0**self.octave)
+        return _log_table(self.scales.device)[self.scales.long()].mul_(2.0**self.octave)
 
     def with_scale_values(self, values: Tensor) -> "Encoded":
         """The same codes with new scales ``values`` (float [*batch]) held in this one's format.
@@ -284,9 +283,20 @@ def join(parts: list[Encoded], dim: int = -1) -> Encoded:
 
 def _aligned(parts: list[Encoded]) -> list[Encoded]:
     """``parts`` with their log scales at one octave, the lowest that holds them all (so what
-    an evicted large scale lifted comes back down)."""
+    an evicted large scale lifted comes back down). Parts already at one octave stay: each
+    holds its values exactly there (and a decode step reading pages reads no maximum)."""
+    if len({p.octave for p in parts}) == 1:
+        return parts
     octave = max(p.lowest_octave for p in parts)
     return [p.at_octave(octave) for p in parts]
+
+
+@functools.lru_cache(maxsize=None)
+def _log_table(device: torch.device) -> Tensor:
+    """float32 [256]: the value of each log code at octave 0 (code 0: zero), one copy per device."""
+    table = torch.exp2((torch.arange(256, dtype=torch.float64) - _TOP) / _STEPS).float()
+    table[0] = 0.0
+    return table.to(device)
 
 
 def decode_units(encoded: Encoded | list[Encoded], dtype: torch.dtype = torch.float32, out: Tensor | None = None):
